@@ -9,6 +9,7 @@ BUNDLE = ROOT / "bundle"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(BUNDLE))
 os.environ.setdefault("CUFILE_LOGFILE_PATH", os.devnull)
+os.environ.setdefault("CUFILE_LOGGING_LEVEL", "ERROR")
 
 
 def shared(*parts: str) -> Path:
