@@ -7,7 +7,6 @@ import pytest
 from PIL import Image
 
 from conftest import shared
-from scripts.datalist import patch_grid, patch_tags, write_datalist
 from scripts.datasets import bcss_wsss, from_csv, from_mask_folder, glas, luad_histoseg, main
 from scripts.errors import DataError
 
@@ -26,24 +25,6 @@ def save(path, array, palette=None):
 
 def rgb(h=64, w=64, seed=0):
     return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
-
-
-def test_patch_grid_covers_image_and_small_images():
-    grid = patch_grid(250, 130, 112, 56)
-    assert {y for y, _ in grid} == {0, 56, 112, 138} and {x for _, x in grid} == {0, 18}
-    assert patch_grid(50, 60, 112, 56) == [(0, 0)]
-    with pytest.raises(DataError):
-        patch_grid(10, 10, 0, 5)
-
-
-def test_patch_tags_threshold_and_ignore():
-    mask = np.zeros((10, 10), np.uint8)
-    mask[:, :1] = 1  # 10 % of the patch
-    mask[9, 9] = 255
-    assert patch_tags(mask, [(0, 0)], 10, 2, 0.05, 255).tolist() == [[1, 1]]
-    assert patch_tags(mask, [(0, 0)], 10, 2, 0.2, 255).tolist() == [[1, 0]]
-    ignored = np.full((4, 4), 255, np.uint8)
-    assert patch_tags(ignored, [(0, 0)], 4, 2, 0.05, 255).tolist() == [[0, 0]]
 
 
 def mask_folder(tmp_path, names_splits=(("a", "training"), ("b", "validation"))):
@@ -157,12 +138,6 @@ def test_bad_input_names_the_file_and_writes_nothing(tmp_path, case, message):
         run()
     assert culprit in str(err.value)
     assert not out.parent.exists() or not any(out.parent.iterdir())
-
-
-def test_write_datalist_rejects_wrong_label_length(tmp_path):
-    with pytest.raises(DataError, match="multi-hot"):
-        write_datalist(tmp_path / "d.json", ["a", "b"], {"training": [{"image": "x.png", "label": [1, 0, 1]}]})
-    assert not (tmp_path / "d.json").exists()
 
 
 def test_command_line_prints_error_without_traceback(tmp_path, capsys):
