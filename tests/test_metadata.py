@@ -25,3 +25,10 @@ def test_metadata_describes_rgb_input_and_named_class_outputs():
     assert fmt["inputs"]["image"]["num_channels"] == 3
     out = fmt["outputs"]["pred"]
     assert len(out["channel_def"]) == out["num_channels"] and all(isinstance(v, str) for v in out["channel_def"].values())
+
+
+def test_output_channels_are_the_default_training_data_classes():
+    from scripts.synthetic import CLASSES
+
+    out = json.loads((BUNDLE / "configs" / "metadata.json").read_text())["network_data_format"]["outputs"]["pred"]
+    assert [out["channel_def"][str(i)] for i in range(out["num_channels"])] == list(CLASSES)

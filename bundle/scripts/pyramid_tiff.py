@@ -16,8 +16,8 @@ import tifffile
 from .atomic import atomic_output
 from .errors import DataError
 
-COMPRESSIONS = ("jpeg", "zlib")
-READ_BLOCK = 2048  # level-0 pixels per side read at a time when building a reduced tile
+COMPRESSIONS = ("jpeg", "zlib", "lzw")
+READ_BLOCK = 1024  # level-0 pixels per side read at a time when building a reduced tile (~12 MB RGB as float32 x4)
 
 
 def level_shapes(height: int, width: int, min_size: int) -> list[tuple[int, int]]:
@@ -76,9 +76,11 @@ def write_pyramidal_tiff(
 ) -> str:
     """Write ``image`` (H x W x 3 uint8 RGB, or H x W uint8 labels) as a tiled pyramid; returns the path.
 
-    Use ``compression="zlib"`` for label images (lossless; reduced levels take every 2nd pixel so that
-    they hold only real class values). ``mpp`` (micrometres per level-0 pixel) goes into the resolution
-    tags of every level. Written atomically: a failure leaves no file.
+    Label images need a lossless ``compression`` ("zlib" or "lzw"); their reduced levels take every 2nd
+    pixel so that they hold only real class values. cuCIM cannot decode single-channel zlib tiles (OpenSlide,
+    QuPath and tifffile can) but reads single-channel LZW. ``mpp`` (micrometres per level-0 pixel) goes
+    into the resolution tags of every level; ``quality`` is the JPEG quality. Written atomically: a failure
+    leaves no file.
     """
     shape, dtype = tuple(getattr(image, "shape", ())), np.dtype(getattr(image, "dtype", None))
     labels = len(shape) == 2
@@ -89,9 +91,11 @@ def write_pyramidal_tiff(
     if compression not in COMPRESSIONS:
         raise DataError(f"{path}: compression must be one of {COMPRESSIONS}, got {compression!r}")
     if compression == "jpeg" and labels:
-        raise DataError(f"{path}: JPEG would alter label values; write label images with compression='zlib'")
+        raise DataError(f"{path}: JPEG would alter label values; write label images with 'zlib' or 'lzw'")
     if tile < 16 or tile % 16:
         raise DataError(f"{path}: tile size must be a positive multiple of 16 (TIFF rule), got {tile}")
+    if not 1 <= quality <= 100:
+        raise DataError(f"{path}: JPEG quality must be in [1, 100], got {quality}")
     if min_size < 1:
         raise DataError(f"{path}: min_size must be positive, got {min_size}")
     if mpp is not None and not mpp > 0:
@@ -112,7 +116,7 @@ def write_pyramidal_tiff(
                 tile=(tile, tile),
                 photometric="minisblack" if labels else "rgb",
                 compression=compression,
-                compressionargs=None if labels else {"level": quality},
+                compressionargs={"level": quality} if compression == "jpeg" else None,
                 subfiletype=1 if level else 0,
                 description=description if level == 0 else None,
                 metadata=None,
