@@ -1,0 +1,95 @@
+"""Pseudo-masks: the IDS filter, fusion rules, the MLPS CAM-only path and writing."""
+
+import numpy as np
+import pytest
+
+from scripts.errors import DataError
+from scripts.images import read_mask
+from scripts.pseudo_masks import IGNORE, cam_pseudo_mask, fuse, inside_degree, sam_pseudo_mask, save_pseudo_mask
+
+
+def box_mask(shape, y0, x0, y1, x1):
+    m = np.zeros(shape, bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def test_inside_degree():
+    region = box_mask((10, 10), 0, 0, 10, 5)
+    masks = np.stack([box_mask((10, 10), 0, 0, 10, 5), box_mask((10, 10), 0, 0, 10, 10), np.zeros((10, 10), bool)])
+    np.testing.assert_allclose(inside_degree(masks, region), [1.0, 0.5, 0.0])
+    np.testing.assert_allclose(inside_degree(masks, np.stack([region, ~region, region])), [1.0, 0.5, 0.0])
+
+
+def test_ids_filter_keeps_masks_inside_their_class_region():
+    cams = np.zeros((2, 20, 20), np.float32)
+    cams[1, 5:15, 5:15] = 0.9
+    cams[0] = 1 - cams[1]
+    inside = box_mask((20, 20), 6, 6, 14, 14)
+    spills = box_mask((20, 20), 0, 0, 20, 12)  # mostly outside the gland CAM
+    nearly = box_mask((20, 20), 5, 5, 16, 15)  # 100 of 110 pixels inside: IDS 0.909
+    mask, keep = sam_pseudo_mask(np.stack([inside, spills, nearly]), [1, 1, 1], cams, [1, 1])
+    assert keep.tolist() == [True, False, True]
+    assert (mask[6:14, 6:14] == 1).all()
+    assert sam_pseudo_mask(np.stack([nearly]), [1], cams, [1, 1], ids_threshold=0.95)[1].tolist() == [False]
+
+
+def test_overlaps_are_resolved_by_cam_score():
+    cams = np.zeros((3, 10, 10), np.float32)
+    cams[1, :, :5], cams[1, :, 5:] = 0.9, 0.6
+    cams[2, :, :5], cams[2, :, 5:] = 0.6, 0.9
+    out = fuse(np.ones((2, 10, 10), bool), [1, 2], cams, [0, 1, 1])
+    assert (out[:, :5] == 1).all() and (out[:, 5:] == 2).all()
+
+
+def test_untagged_classes_never_appear():
+    cams = np.full((3, 8, 8), 0.9, np.float32)
+    cams[2] = 1.0  # the strongest CAM, but the image is not tagged with class 2
+    out = fuse(np.ones((2, 8, 8), bool), [2, 1], cams, [1, 1, 0])
+    assert set(np.unique(out)) == {1}
+    assert 2 not in cam_pseudo_mask(cams, [1, 1, 0])
+    _, keep = sam_pseudo_mask(np.ones((1, 8, 8), bool), [2], cams, [1, 1, 0])
+    assert keep.tolist() == [False]
+
+
+def test_strong_disagreement_and_unsure_uncovered_pixels_are_ignored():
+    cams = np.zeros((2, 10, 10), np.float32)
+    cams[1, :, :4] = 0.9  # gland CAM agrees with the SAM mask here
+    cams[0, :, 4:7] = 0.8  # the stroma CAM claims these columns the SAM mask covers
+    cams[0, :, 7:] = 0.3  # uncovered and unsure
+    cams[0, :, 9:] = 0.7  # uncovered and sure
+    out = fuse(box_mask((10, 10), 0, 0, 10, 7)[None], [1], cams, [1, 1], disagreement=0.5, confidence=0.5)
+    assert (out[:, :4] == 1).all() and (out[:, 4:7] == IGNORE).all()
+    assert (out[:, 7:9] == IGNORE).all() and (out[:, 9:] == 0).all()
+    lenient = fuse(box_mask((10, 10), 0, 0, 10, 7)[None], [1], cams, [1, 1], disagreement=0.9)
+    assert (lenient[:, 4:7] == 1).all()
+
+
+@pytest.mark.parametrize("cams", [np.zeros((2, 12, 9)), np.full((2, 12, 9), np.nan)])
+def test_a_cam_without_foreground_gives_an_all_ignore_mask(cams):
+    masks = np.ones((1, 12, 9), bool)
+    for out in (sam_pseudo_mask(masks, [1], cams, [1, 1])[0], cam_pseudo_mask(cams, [1, 1])):
+        assert out.dtype == np.uint8 and out.shape == (12, 9) and (out == IGNORE).all()
+    assert (fuse(np.zeros((0, 12, 9), bool), [], np.ones((2, 12, 9)), [0, 0]) == IGNORE).all()
+
+
+def test_mlps_one_map_per_layer():
+    layers = np.random.default_rng(0).uniform(0, 1, (3, 4, 16, 16)).astype(np.float32)
+    maps = cam_pseudo_mask(layers, [1, 0, 1, 1], confidence=0.4)
+    assert maps.shape == (3, 16, 16) and set(np.unique(maps)) <= {0, 2, 3, IGNORE}
+    for layer, m in zip(layers, maps):
+        np.testing.assert_array_equal(m, cam_pseudo_mask(layer, [1, 0, 1, 1], confidence=0.4))
+
+
+def test_save_pseudo_mask(tmp_path):
+    mask = np.array([[0, 1], [255, 3]], np.uint8)
+    save_pseudo_mask(tmp_path / "a" / "m.png", mask)
+    np.testing.assert_array_equal(read_mask(tmp_path / "a" / "m.png"), mask)
+    with pytest.raises(DataError, match="bad.png: .*uint8"):
+        save_pseudo_mask(tmp_path / "bad.png", mask.astype(np.int64))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(DataError, match="tags"):
+        cam_pseudo_mask(np.zeros((2, 4, 4)), [1, 1, 1])
