@@ -1,0 +1,51 @@
+"""Multi-layer pseudo-supervision (MLPS, Han et al. 2022): the segmentation loss on pseudo-masks.
+
+MONAI's ``DiceCELoss`` has no ``ignore_index`` (1.6.1), while its ``DiceLoss`` does, so the loss is torch's cross
+entropy with ``ignore_index`` plus, optionally, MONAI's ``DiceLoss`` with the same index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+from torch import nn
+
+from .errors import DataError
+
+
+class PseudoSupervisionLoss(nn.Module):
+    """sum over layers l of ``weights[l]`` x (CE + ``lambda_dice`` x Dice) between the logits and pseudo-mask layer l.
+
+    ``pred``: logits (B, C, H, W); ``target``: (B, L, H, W) class indices, one channel per pseudo-mask layer in the
+    order of ``weights`` (MLPS: three CAM layers, 0.6 / 0.2 / 0.2); a single pseudo-mask is ``weights=(1.0,)``.
+    Pixels equal to ``ignore_index`` count nowhere; a layer with no labelled pixel in the batch adds 0 (torch's
+    mean cross entropy would be NaN). The Dice term is over the whole batch (``batch=True``): patches often lack
+    a class, and a per-patch Dice of an absent class is all penalty.
+    """
+
+    def __init__(self, weights: Sequence[float] = (0.6, 0.2, 0.2), lambda_dice: float = 0.0, ignore_index: int = 255):
+        super().__init__()
+        self.weights = [float(w) for w in weights]
+        if not self.weights or min(self.weights) < 0 or lambda_dice < 0:
+            raise DataError(f"loss weights must be a non-empty list of values >= 0 and lambda_dice >= 0, got {weights}, {lambda_dice}")
+        self.lambda_dice, self.ignore_index = float(lambda_dice), ignore_index
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True, batch=True, ignore_index=ignore_index) if lambda_dice else None
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.ndim != pred.ndim or target.shape[1] != len(self.weights) or target.shape[2:] != pred.shape[2:]:
+            raise DataError(
+                f"pseudo-mask target {tuple(target.shape)} does not fit logits {tuple(pred.shape)} and "
+                f"{len(self.weights)} layer weight(s) {self.weights}: expected (B, {len(self.weights)}, H, W)"
+            )
+        target = target.long()
+        total = pred.new_zeros(())
+        for weight, layer in zip(self.weights, target.unbind(1)):
+            labelled = (layer != self.ignore_index).sum().clamp_min(1)
+            loss = F.cross_entropy(pred, layer, ignore_index=self.ignore_index, reduction="sum") / labelled
+            if self.dice is not None:
+                loss = loss + self.lambda_dice * self.dice(pred, layer[:, None])
+            total = total + weight * loss
+        return total
