@@ -1,4 +1,4 @@
-"""train_seg.json through monai.bundle on tiny synthetic data with fake pseudo-masks: one epoch from the command line,
+"""train.json (stage 3, run id `run`) through monai.bundle on tiny synthetic data with fake pseudo-masks: one epoch from the command line,
 MONAI Label's keys, verify_net_in_out and TorchScript export of the trained model."""
 
 import os
@@ -12,7 +12,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from conftest import BUNDLE, ROOT
 from seg_fixtures import demo_with_pseudo_masks
 
-CONFIG = BUNDLE / "configs" / "train_seg.json"
+CONFIG = BUNDLE / "configs" / "train.json"
 META = BUNDLE / "configs" / "metadata.json"
 TINY = {"pretrained": False, "batch_size": 4, "num_workers": 0, "progress_bar": False}
 # one thread: on a busy 2-core machine two OpenMP threads wait on each other, up to 100x slower on tiny tensors
@@ -36,7 +36,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("seg")
     datalist = demo_with_pseudo_masks(root / "demo")
     result = cli("run", "--bundle_root", str(BUNDLE), "--config_file", str(CONFIG), "--meta_file", str(META),
-                 *overrides(datalist=datalist, ckpt_dir=root / "models", log_dir=root / "logs",
+                 *overrides(pseudo_datalist=datalist, ckpt_dir=root / "models", log_dir=root / "logs",
                             **{**TINY, "train#trainer#max_epochs": 1}))
     return datalist, root, result.stderr + result.stdout
 
@@ -58,7 +58,7 @@ def test_monai_label_keys_and_properties(trained, tmp_path):
                 "device", "bundle_root", "run", "train#handlers", "train#dataloader#num_workers",
                 "validate#dataloader#num_workers"):
         assert key in parser, key
-    wf = ConfigWorkflow(config_file=str(CONFIG), workflow_type="train", bundle_root=str(BUNDLE), datalist=datalist,
+    wf = ConfigWorkflow(config_file=str(CONFIG), workflow_type="train", bundle_root=str(BUNDLE), pseudo_datalist=datalist,
                         ckpt_dir=str(tmp_path), log_dir=str(tmp_path), **TINY)
     wf.initialize()
     assert not wf.check_properties()
@@ -72,7 +72,7 @@ def test_monai_label_keys_and_properties(trained, tmp_path):
 
 def test_fixed_schedule_without_holdout(trained, tmp_path):
     datalist, _, _ = trained
-    wf = ConfigWorkflow(config_file=str(CONFIG), workflow_type="train", bundle_root=str(BUNDLE), datalist=datalist,
+    wf = ConfigWorkflow(config_file=str(CONFIG), workflow_type="train", bundle_root=str(BUNDLE), pseudo_datalist=datalist,
                         ckpt_dir=str(tmp_path), log_dir=str(tmp_path), holdout_fraction=0, layer_weights=[1.0],
                         **{**TINY, "train#trainer#max_epochs": 1})
     wf.initialize()
@@ -85,7 +85,7 @@ def test_verify_net_in_out_and_torchscript_export(trained, tmp_path):
     # like every MONAI bundle command other than `run`, these import `scripts` from the bundle folder
     datalist, root, _ = trained
     cli("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json", "--config_file",
-        "configs/train_seg.json", *overrides(datalist=datalist, pretrained=False), cwd=BUNDLE)
+        "configs/train.json", *overrides(pseudo_datalist=datalist, pretrained=False), cwd=BUNDLE)
     exported = tmp_path / "model.ts"
     cli("ckpt_export", "network_def", "--filepath", str(exported), "--ckpt_file", str(root / "models" / "model.pt"),
         "--meta_file", "configs/metadata.json", "--config_file", "configs/evaluate.json", *overrides(datalist=datalist),

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.inferers import SlidingWindowInferer
 from torch import nn
 
 from .errors import DataError
@@ -143,6 +144,43 @@ class MultiLayerCAM:
                 weights = g.mean((2, 3), keepdim=True)
                 maps[n][:, c] = F.relu((weights * records[n]).sum(1)).detach().float()
         return maps
+
+
+class WholeImageCAM:
+    """Inferer: :class:`MultiLayerCAM` maps of whole images, at the pixel scale the classifier was trained at.
+
+    With ``window`` (the training patch size in pixels) the image is read in windows of that size (overlap 0.5),
+    each resized to ``input_size`` like a training patch, and the un-normalised maps are merged with Gaussian
+    weights (window borders, where padding makes spurious peaks, count least); without it the image is resized to
+    ``input_size`` whole (a classifier trained on whole images). Each window keeps the classes the network
+    predicts there; the caller drops the classes the image is not tagged with. Every map is then divided by its
+    maximum over the image, so the maps of one image compare and lie in [0, 1].
+    """
+
+    def __init__(self, layers: Sequence[str], input_size: int, mean: Sequence[float], std: Sequence[float],
+                 window: int | None = None, tta: str = "none", sw_batch_size: int = 16):
+        self.layers, self.input_size, self.window, self.tta = tuple(layers), int(input_size), window, tta
+        self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        self.sw_batch_size = sw_batch_size
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:
+        """(B, 3, H, W) RGB in 0-255 -> (B, L, C, H, W) maps of the L ``layers``."""
+        extract = MultiLayerCAM(network, self.layers, tta=self.tta, normalize=False)
+        mean, std = self.mean.to(inputs.device), self.std.to(inputs.device)
+
+        def predict(windows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            x = F.interpolate(windows, size=(self.input_size,) * 2, mode="bilinear", align_corners=False)
+            cams = extract((x - mean) / std)
+            return tuple(F.interpolate(cams[n], size=windows.shape[-2:], mode="bilinear", align_corners=False)
+                         for n in self.layers)
+
+        x = inputs.float() / 255
+        if self.window is None:
+            maps = predict(x)
+        else:
+            maps = SlidingWindowInferer(self.window, self.sw_batch_size, overlap=0.5, mode="gaussian")(x, predict)
+        maps = torch.stack(maps, 1)
+        return maps / maps.amax((-2, -1), keepdim=True).clamp_min(1e-12)
 
 
 def cams_to_mask(cams: torch.Tensor, threshold: float | None = None, ignore_index: int = 255) -> torch.Tensor:

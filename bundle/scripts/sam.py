@@ -212,7 +212,7 @@ def _check_file(path: Path, hash_type: str, hash_val: str, what: str) -> None:
         )
 
 
-def _read_state(path: Path, what: str) -> dict:
+def read_state(path: Path, what: str) -> dict:
     """Read before building: a damaged file fails in a second, not after allocating ViT-H."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -282,7 +282,7 @@ def load_sam(
             )
         if check_hash:
             _check_file(path, entry["hash_type"], entry["hash_val"], f"SAM {backend} ({entry['url']})")
-    state = None if path is None else _read_state(path, backend)
+    state = None if path is None else read_state(path, backend)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if backend == "litemedsam":

@@ -1,0 +1,92 @@
+"""The ``training`` run id: classify → pseudo-label → segment → evaluate, each stage its own bundle workflow.
+
+A stage is skipped when a previous run finished it: its completion record (``<bundle_root>/stages/<name>.json``,
+written only after the stage returned) exists and every output it lists is still there. A stage interrupted half
+way therefore runs again, even though checkpoints saved on the way (or on the exception) exist.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from monai.bundle import ConfigWorkflow
+
+from .atomic import atomic_output
+from .errors import DataError
+
+logger = logging.getLogger("pathology_wsss")
+
+
+def _record(bundle_root: str, name: str) -> Path:
+    return Path(bundle_root) / "stages" / f"{name}.json"
+
+
+def _finished(record: Path, outputs: Sequence[str]) -> bool:
+    return record.is_file() and all(Path(o).exists() for o in outputs)
+
+
+def run_stage(
+    bundle_root: str, name: str, config_file: str | Sequence[str], outputs: Sequence[str], overrides: dict,
+    run_id: str = "run", force: bool = False,
+) -> bool:
+    """Run one stage's workflow with ``overrides`` unless it already finished; returns whether it ran."""
+    record = _record(bundle_root, name)
+    if not force and _finished(record, outputs):
+        logger.info("stage %s: done before (%s), skipped; force it with --force \"['%s']\"", name, record, name)
+        return False
+    record.unlink(missing_ok=True)
+    logger.info("stage %s: %s", name, config_file)
+    start = time.perf_counter()
+    workflow = ConfigWorkflow(config_file=config_file, workflow_type=None, run_id=run_id, **overrides)
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    missing = [o for o in outputs if not Path(o).exists()]
+    if missing:
+        raise DataError(f"stage {name} finished without writing {', '.join(missing)}")
+    seconds = round(time.perf_counter() - start, 1)
+    with atomic_output(record) as tmp:
+        Path(tmp).write_text(json.dumps({"config_file": config_file, "outputs": list(outputs), "seconds": seconds}, indent=1))
+    logger.info("stage %s: finished in %.1f s", name, seconds)
+    return True
+
+
+def run_stages(bundle_root: str, stages: Sequence[dict], force: bool | Iterable[str] = False) -> list[str]:
+    """Run ``stages`` (dicts of :func:`run_stage` arguments, in order); ``force`` is True (all) or stage names.
+
+    Forcing a stage re-runs every later stage too, since their inputs change. Returns the names that ran.
+    """
+    names = [s["name"] for s in stages]
+    forced = set(names) if force is True else set(force or ())
+    unknown = forced - set(names)
+    if unknown:
+        raise DataError(f"force: unknown stage(s) {sorted(unknown)}; the stages are {names}")
+    ran: list[str] = []
+    for stage in stages:
+        must = stage["name"] in forced or bool(ran)
+        if run_stage(bundle_root, **stage, force=must):
+            ran.append(stage["name"])
+    return ran
+
+
+def eval_split(datalist: str) -> str:
+    """The split evaluation reports on: ``test`` when its entries carry masks, else ``validation`` (GlaS dev)."""
+    data = json.loads(Path(datalist).read_text())
+    test = data.get("test") or []
+    return "test" if test and all("mask" in e for e in test) else "validation"
+
+
+def report(eval_dir: str) -> dict:
+    """Log the evaluation's headline scores and where its files are; returns ``metrics.json``."""
+    eval_dir = Path(eval_dir)
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    per_class = ", ".join(f"{c} {metrics[f'iou_{c}']:.3f}" for c in metrics["classes"])
+    logger.info("evaluation on %d images: mIoU %.3f, Dice %.3f (OEEM-style %.3f), pixel accuracy %.3f; IoU per class: %s",
+                metrics["images"], metrics["miou"], metrics["mean_dice"], metrics["dice"], metrics["pixel_accuracy"], per_class)
+    logger.info("metrics: %s; per image: %s; overlays: %s", eval_dir / "metrics.json", eval_dir / "per_image.csv",
+                eval_dir / "overlays")
+    return metrics

@@ -1,0 +1,81 @@
+"""Stage orchestration of the ``training`` run id: skip finished stages, force, re-run after interruption."""
+
+import json
+
+import pytest
+
+from scripts.errors import DataError
+from scripts.pipeline import eval_split, run_stages
+
+
+@pytest.fixture
+def stages(tmp_path):
+    """Three stages whose workflow appends to its output file, so a file's length counts the runs; ``b`` fails while
+    ``fail`` exists, after writing its output (like a checkpoint saved on an exception)."""
+    (tmp_path / "configs").mkdir()
+    made = []
+    for name in "abc":
+        config = {"out": "", "fail": "", "run": ["$open(@out, 'a').write('x')",
+                                                 "$os.path.exists(@fail) and 1 / 0"], "imports": ["$import os"]}
+        path = tmp_path / "configs" / f"{name}.json"
+        path.write_text(json.dumps(config))
+        out = tmp_path / f"{name}.txt"
+        fail = tmp_path / "fail" if name == "b" else tmp_path / "never"
+        made.append({"name": name, "config_file": str(path), "outputs": [str(out)],
+                     "overrides": {"out": str(out), "fail": str(fail)}})
+    return tmp_path, made
+
+
+def runs(root):
+    return {n: len((root / f"{n}.txt").read_text()) if (root / f"{n}.txt").exists() else 0 for n in "abc"}
+
+
+def test_finished_stages_are_skipped(stages):
+    root, made = stages
+    assert run_stages(str(root), made) == ["a", "b", "c"]
+    assert run_stages(str(root), made) == []
+    assert runs(root) == {"a": 1, "b": 1, "c": 1}
+    assert json.loads((root / "stages" / "b.json").read_text())["outputs"] == made[1]["outputs"]
+
+
+def test_forcing_a_stage_reruns_it_and_every_later_stage(stages):
+    root, made = stages
+    run_stages(str(root), made)
+    assert run_stages(str(root), made, force=["b"]) == ["b", "c"]
+    assert run_stages(str(root), made, force=True) == ["a", "b", "c"]
+    assert runs(root) == {"a": 2, "b": 3, "c": 3}
+
+
+def test_an_interrupted_stage_runs_again_although_its_output_exists(stages):
+    root, made = stages
+    (root / "fail").touch()
+    with pytest.raises(RuntimeError, match="1 / 0"):
+        run_stages(str(root), made)
+    assert (root / "b.txt").exists() and not (root / "stages" / "b.json").exists()
+    (root / "fail").unlink()
+    assert run_stages(str(root), made) == ["b", "c"]
+
+
+def test_a_deleted_output_reruns_its_stage(stages):
+    root, made = stages
+    run_stages(str(root), made)
+    (root / "b.txt").unlink()
+    assert run_stages(str(root), made) == ["b", "c"]
+
+
+def test_bad_force_names_and_missing_outputs_are_clear_errors(stages):
+    root, made = stages
+    with pytest.raises(DataError, match="unknown stage"):
+        run_stages(str(root), made, force=["segmentation"])
+    made[0]["outputs"].append(str(root / "never_written.pt"))
+    with pytest.raises(DataError, match="never_written.pt"):
+        run_stages(str(root), made)
+    assert not (root / "stages" / "a.json").exists()
+
+
+def test_eval_split_prefers_a_test_split_with_masks(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"validation": [{"image": "a", "mask": "m"}], "test": [{"image": "b", "mask": "n"}]}))
+    assert eval_split(str(path)) == "test"
+    path.write_text(json.dumps({"validation": [{"image": "a", "mask": "m"}], "test": [{"image": "b"}]}))
+    assert eval_split(str(path)) == "validation"
