@@ -79,3 +79,13 @@ def test_eval_split_prefers_a_test_split_with_masks(tmp_path):
     assert eval_split(str(path)) == "test"
     path.write_text(json.dumps({"validation": [{"image": "a", "mask": "m"}], "test": [{"image": "b"}]}))
     assert eval_split(str(path)) == "validation"
+
+
+def test_skipped_stages_use_existing_outputs(stages):
+    root, made = stages
+    (root / "a.txt").write_text("made elsewhere")
+    assert run_stages(str(root), made, skip=["a"]) == ["b", "c"]
+    assert (root / "a.txt").read_text() == "made elsewhere"
+    (root / "a.txt").unlink()
+    with pytest.raises(DataError, match="a.txt do not exist"):
+        run_stages(str(root), made, skip=["a"])

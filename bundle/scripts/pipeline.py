@@ -55,18 +55,29 @@ def run_stage(
     return True
 
 
-def run_stages(bundle_root: str, stages: Sequence[dict], force: bool | Iterable[str] = False) -> list[str]:
-    """Run ``stages`` (dicts of :func:`run_stage` arguments, in order); ``force`` is True (all) or stage names.
+def run_stages(
+    bundle_root: str, stages: Sequence[dict], force: bool | Iterable[str] = False, skip: Iterable[str] = (),
+) -> list[str]:
+    """Run ``stages`` (dicts of :func:`run_stage` arguments, in order); returns the names that ran.
 
-    Forcing a stage re-runs every later stage too, since their inputs change. Returns the names that ran.
+    ``force`` is True (all) or stage names; forcing a stage re-runs every later stage too, since their inputs change.
+    ``skip`` names stages whose outputs the user made some other way (e.g. a classifier trained alone with
+    ``train_cam.json``): they must exist, and the stage does not run.
     """
     names = [s["name"] for s in stages]
     forced = set(names) if force is True else set(force or ())
-    unknown = forced - set(names)
+    skipped = set(skip or ())
+    unknown = (forced | skipped) - set(names)
     if unknown:
-        raise DataError(f"force: unknown stage(s) {sorted(unknown)}; the stages are {names}")
+        raise DataError(f"force/skip: unknown stage(s) {sorted(unknown)}; the stages are {names}")
     ran: list[str] = []
     for stage in stages:
+        if stage["name"] in skipped:
+            missing = [o for o in stage["outputs"] if not Path(o).exists()]
+            if missing:
+                raise DataError(f"stage {stage['name']} is skipped but its output(s) {', '.join(missing)} do not exist")
+            logger.info("stage %s: skipped as asked; using %s", stage["name"], ", ".join(stage["outputs"]))
+            continue
         must = stage["name"] in forced or bool(ran)
         if run_stage(bundle_root, **stage, force=must):
             ran.append(stage["name"])
