@@ -1,22 +1,58 @@
-"""The README's main command: `python -m monai.bundle run training` on the embedded synthetic default."""
+"""The README's main command, `python -m monai.bundle run training`, end to end on a tiny synthetic demo: every stage
+runs once (classifier → pseudo-labels with a tiny random SAM → segmentation → evaluation), a second run skips them
+all, and forcing the pseudo-label stage re-runs it and the stages after it."""
 
 import json
+import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import BUNDLE, ROOT
 
+SMALL = "$scripts.synthetic.prepare_demo(@demo_dir, n_train=4, n_validation=1, n_test=2, tile_size=64, slide_size=256, patch_size=32, stride=32)"
+TINY = {"cam_epochs": 1, "cam_input_size": 32, "max_epochs": 1, "refine_iterations": 1, "sam_backend": "tiny",
+        "pretrained": False, "batch_size": 4, "num_workers": 0, "progress_bar": False}
 
-def test_run_training_prepares_the_demo_through_monai_bundle(tmp_path):
-    small = "$scripts.synthetic.prepare_demo(@demo_dir, n_train=2, n_validation=1, n_test=1, tile_size=64, slide_size=256)"
-    result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "training", "--bundle_root", str(BUNDLE),
-         "--config_file", str(BUNDLE / "configs" / "train.json"), "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
-         "--demo_dir", str(tmp_path / "demo"), "--datalist", small],
-        capture_output=True, text=True, cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    data = json.loads((tmp_path / "demo" / "datalist.json").read_text())
-    assert data["classes"] == ["stroma", "gland", "lymphocytes"]
-    assert data["training"] and data["validation"] and data["test"]
-    assert (tmp_path / "demo" / "slide" / "demo_slide.tif").is_file()
+
+def run_training(root, *extra):
+    args = [sys.executable, "-m", "monai.bundle", "run", "training", "--bundle_root", str(BUNDLE),
+            "--config_file", str(BUNDLE / "configs" / "train.json"), "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
+            "--demo_dir", str(root / "demo"), "--datalist", SMALL, "--ckpt_dir", str(root / "models"),
+            "--pseudo_dir", str(root / "pseudo"), "--eval_dir", str(root / "eval"), "--log_dir", str(root / "logs"),
+            *[a for k, v in TINY.items() for a in (f"--{k}", str(v))], *extra]
+    result = subprocess.run(args, capture_output=True, text=True, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    return root, run_training(root)
+
+
+def test_every_stage_runs_and_reports(first_run):
+    root, log = first_run
+    for stage in ("classify", "pseudo_label", "segment", "evaluate"):
+        assert f"stage {stage}: finished" in log
+    assert (root / "models" / "cam_best.pt").is_file() and (root / "models" / "model.pt").is_file()
+    pseudo = json.loads((root / "pseudo" / "datalist_pseudo.json").read_text())
+    assert pseudo["classes"] == ["stroma", "gland", "lymphocytes"] and all("pseudo" in e for e in pseudo["training"])
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    assert metrics["images"] == 2 and 0 <= metrics["miou"] <= 1  # the demo's test split
+    assert "evaluation on 2 images: mIoU" in log and str(root / "eval" / "overlays") in log
+    assert not (root / "cufile.log").exists()
+
+
+def test_a_second_run_skips_finished_stages_and_force_reruns_from_a_stage(first_run):
+    root, _ = first_run
+    model = (root / "models" / "model.pt").stat().st_mtime_ns
+    log = run_training(root)
+    assert "finished in" not in log and log.count("done before") == 4
+    assert (root / "models" / "model.pt").stat().st_mtime_ns == model
+    log = run_training(root, "--force", "['pseudo_label']")
+    assert "stage classify: done before" in log
+    assert all(f"stage {s}: finished" in log for s in ("pseudo_label", "segment", "evaluate"))
+    assert (root / "models" / "model.pt").stat().st_mtime_ns != model
