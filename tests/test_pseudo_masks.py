@@ -65,6 +65,24 @@ def test_strong_disagreement_and_unsure_uncovered_pixels_are_ignored():
     assert (lenient[:, 4:7] == 1).all()
 
 
+def test_inside_its_box_sam_draws_the_boundary():
+    cams = np.zeros((3, 10, 12), np.float32)
+    cams[1, 1:9, 1:9] = 0.9  # a blurry gland CAM, wider than the gland SAM finds
+    cams[0, 1:9, 1:3] = 0.2  # stroma has some evidence at the blob's left edge, none on the right
+    cams[1, :, 10:] = 0.9  # a gland the CAM sees outside every box: it stays
+    sam = box_mask((10, 12), 3, 3, 7, 7)[None]
+    box = [[1, 1, 8, 8]]
+    out = fuse(sam, [1], cams, [1, 1, 0], boxes=box)
+    assert (out[3:7, 3:7] == 1).all() and (out[:, 10:] == 1).all()
+    assert (out[1:9, 1:3] == 0).all()  # outside the mask, inside the box: the other tagged class
+    assert (out[1:3, 3:9] == 0).all()  # the only other tagged class, even with no CAM
+    assert (fuse(sam, [1], cams, [1, 1, 1], boxes=box)[1:3, 3:9] == IGNORE).all()  # several others, no CAM: unsure
+    assert (fuse(sam, [1], cams, [0, 1, 0], boxes=box)[1:3, 3:9] == IGNORE).all()  # no other tagged class
+    assert (fuse(sam, [1], cams, [1, 1, 0])[1:9, 1:9] == 1).all()  # without boxes the CAM keeps its blob
+    masks, keep = sam_pseudo_mask(np.concatenate([sam, ~sam]), [1, 1], cams, [1, 1, 0], boxes=box * 2)
+    assert keep.tolist() == [True, False] and (masks[1:3, 3:9] == 0).all()  # a rejected mask's box changes nothing
+
+
 @pytest.mark.parametrize("cams", [np.zeros((2, 12, 9)), np.full((2, 12, 9), np.nan)])
 def test_a_cam_without_foreground_gives_an_all_ignore_mask(cams):
     masks = np.ones((1, 12, 9), bool)

@@ -86,6 +86,17 @@ def pseudo_items(datalist: str | os.PathLike, split: str = "training") -> list[d
     return list(_units(entries).values())
 
 
+def patch_size(datalist: str | os.PathLike, split: str = "training") -> int | None:
+    """The side of the square patches the classifier was trained on (the entries' ``size``), the CAM window for whole
+    images; None when the entries are whole images (the classifier saw each one whole, resized)."""
+    sizes = {tuple(e["size"]) for e in load_decathlon_datalist(str(datalist), False, split) if "size" in e}
+    if not sizes:
+        return None
+    if len(sizes) > 1 or any(h != w for h, w in sizes):
+        raise DataError(f"{datalist}: '{split}' patches have sizes {sorted(sizes)}; set cam_window to the one the CAM saw")
+    return sizes.pop()[0]
+
+
 def load_cam_network(network: nn.Module, checkpoint: str | os.PathLike, device="cpu") -> nn.Module:
     """The trained CAM classifier in eval mode; accepts ``cam_best.pt`` (a state dict) or ``cam_last.pt``
     (the trainer's dict with a ``model`` entry). A missing, damaged or mismatched file is a DataError naming it."""
@@ -124,20 +135,36 @@ class Outputs:
 @dataclass
 class Rules:
     """How CAMs become prompts and SAM masks become a pseudo-mask; one object shared by the first pass, every
-    refinement round and the reports, so they all use the same prompts (seeded per image name, not per run order)."""
+    refinement round and the reports, so they all use the same prompts (seeded per image name, not per run order).
 
-    cam_threshold: float = 0.5  # CAM region: prompts' components and the IDS filter's region
+    A class's CAM region (the prompts' components, the IDS filter's reference) is ``cam >= cam_threshold``; with
+    ``cam_threshold`` None it is where the class has the highest tagged CAM, the CAM-only arg-max labelling: no
+    threshold to choose, and SAM then redraws the boundaries of the arg-max blobs (every pixel of an H&E tile is
+    some class, so the arg-max is the CAM's own answer).
+    """
+
+    cam_threshold: float | None = None
     ids_threshold: float = 0.9  # EP-SAM: keep a SAM mask only if this fraction of it lies in its class's CAM region
-    confidence: float = 0.5  # pixels no kept mask covers: the CAM's class where it reaches this, else ignore
+    confidence: float = 0.0  # uncovered pixels: the CAM's class where its CAM reaches this (and is > 0), else ignore
     disagreement: float = 0.5
+    box_rule: bool = True  # inside a kept mask's prompt box SAM draws the boundary (see scripts.pseudo_masks.fuse)
     prompt_args: dict = field(default_factory=dict)  # margin, n_positive, n_negative, min_area, max_components
     seed: int = 0
 
     def rng(self, name: str, *extra: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, zlib.crc32(name.encode()), *extra])
 
+    def regions(self, cams: np.ndarray, tags) -> tuple[np.ndarray, float]:
+        """The CAMs the prompts and the filter read, and the threshold that gives the regions."""
+        if self.cam_threshold is not None:
+            return cams, self.cam_threshold
+        tagged = np.where(np.asarray(tags, bool)[:, None, None], cams, -np.inf)
+        wins = np.arange(len(cams))[:, None, None] == tagged.argmax(0)
+        return np.where(wins, cams, 0.0).astype(np.float32), float(np.finfo(np.float32).tiny)
+
     def prompts(self, name: str, cams: np.ndarray, tags) -> Prompts:
-        return cam_prompts(cams, tags, threshold=self.cam_threshold, rng=self.rng(name), **self.prompt_args)
+        cams, threshold = self.regions(cams, tags)
+        return cam_prompts(cams, tags, threshold=threshold, rng=self.rng(name), **self.prompt_args)
 
     def mask_prompts(self, name: str, pseudo: np.ndarray, tags, round_: int) -> Prompts:
         """Training prompts for the decoder: the components of each class of a pseudo-mask, like CAM blobs."""
@@ -146,11 +173,12 @@ class Rules:
 
     def sam_mask(self, sam: SegmentAnything, embedding: Embedding | None, cams: np.ndarray, tags, prompts: Prompts):
         """The fused pseudo-mask; no prompts (an empty CAM) -> the CAM-only mask (ignore where the CAM is unsure)."""
+        cams, threshold = self.regions(cams, tags)
         if not len(prompts):
             return cam_pseudo_mask(cams, tags, self.confidence)
         masks = sam.predict(embedding, prompts.boxes, prompts.points, prompts.labels).probs > 0.5
-        return sam_pseudo_mask(masks, prompts.classes, cams, tags, self.cam_threshold, self.ids_threshold,
-                               self.disagreement, self.confidence)[0]
+        return sam_pseudo_mask(masks, prompts.classes, cams, tags, threshold, self.ids_threshold, self.disagreement,
+                               self.confidence, prompts.boxes if self.box_rule else None)[0]
 
 
 def load_cams(path: Path) -> np.ndarray:
@@ -238,7 +266,7 @@ class DecoderRefinement:
     """
 
     def __init__(self, sam: SegmentAnything, items: Sequence[dict], output_dir: str | os.PathLike, rules: Rules,
-                 embeddings: Embeddings, iterations: int = 3, epochs: int = 1, learning_rate: float = 1e-5,
+                 embeddings: Embeddings, iterations: int = 3, epochs: int = 2, learning_rate: float = 1e-4,
                  prompts_per_step: int = 8, progress_bar: bool = True):
         if iterations < 0 or epochs < 1 or prompts_per_step < 1:
             raise DataError(f"refinement needs iterations >= 0, epochs >= 1, prompts_per_step >= 1; got {iterations}, "
@@ -273,7 +301,6 @@ class DecoderRefinement:
         if not data:
             logger.warning(f"refinement round {k}: no pseudo-mask has a labelled component; the decoder is unchanged")
             return
-        torch.manual_seed(self.rules.seed + k)
         decoder = self.sam.mask_decoder.train().requires_grad_(True)
         optimizer = torch.optim.AdamW(decoder.parameters(), lr=self.lr, weight_decay=1e-4)
 
@@ -297,7 +324,11 @@ class DecoderRefinement:
             ProgressBar(persist=False).attach(trainer, output_transform=lambda loss: {"loss": loss})
         order = torch.Generator().manual_seed(self.rules.seed + k)
         loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=True, generator=order, collate_fn=_as_is)
-        trainer.run(loader, max_epochs=self.epochs)
+        amp, self.sam.amp = self.sam.amp, False  # fp16 gradients would need a GradScaler; the decoder is small
+        try:
+            trainer.run(loader, max_epochs=self.epochs)
+        finally:
+            self.sam.amp = amp
         logger.info(f"refinement round {k}: {len(data)} images x {self.epochs} epoch(s), last loss {trainer.state.output:.4f}")
         decoder.eval()
 

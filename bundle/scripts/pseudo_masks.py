@@ -52,14 +52,19 @@ def inside_degree(masks: np.ndarray, regions: np.ndarray) -> np.ndarray:
     return np.divide(inside, area, out=np.zeros(len(masks)), where=area > 0)
 
 
-def fuse(masks: np.ndarray, classes, cams, tags, disagreement: float = 0.5, confidence: float = 0.5) -> np.ndarray:
+def fuse(masks: np.ndarray, classes, cams, tags, disagreement: float = 0.5, confidence: float = 0.5,
+         boxes=None) -> np.ndarray:
     """Kept SAM masks -> one class map.
 
     - A pixel covered by masks of one or more tagged classes takes the covering class with the highest CAM.
     - It becomes IGNORE where another tagged class's CAM exceeds that class's CAM by ``disagreement`` or more:
       SAM and the CAM disagree strongly and neither is trusted.
-    - A pixel no mask covers follows the CAM (:func:`cam_pseudo_mask` with ``confidence``): SAM may have missed
-      an object the CAM is sure of, and an unsure CAM gives IGNORE rather than a guess.
+    - With ``boxes`` (N, 4) (y0, x0, y1, x1), the prompt box of each mask: inside the box of a class-c mask SAM
+      has drawn c's boundary, so an uncovered pixel there cannot be c (the CAM is the blur SAM sharpens). It takes
+      the other tagged class with the highest CAM; the only other class if no CAM prefers one; else IGNORE.
+      In a binary task this is EP-SAM's rule: inside the box, outside SAM's mask is the other class.
+    - Any other uncovered pixel follows the CAM (:func:`cam_pseudo_mask` with ``confidence``): SAM may have
+      missed an object the CAM is sure of, and an unsure CAM gives IGNORE rather than a guess.
     - Masks of untagged classes are dropped, so untagged classes never appear.
     """
     cams, tags = _tagged_cams(cams, tags)
@@ -68,11 +73,23 @@ def fuse(masks: np.ndarray, classes, cams, tags, disagreement: float = 0.5, conf
     covered = np.stack([masks[(classes == c) & tags[c]].any(axis=0) for c in range(len(tags))])
     if not covered.any():
         return out
+    any_covered = covered.any(axis=0)
+    if boxes is not None:
+        excluded = np.zeros_like(covered)
+        for (y0, x0, y1, x1), c in zip(np.round(np.asarray(boxes)).astype(np.int64), classes):
+            if tags[c]:
+                excluded[c, max(y0, 0) : y1 + 1, max(x0, 0) : x1 + 1] = True
+        excluded &= ~covered
+        remaining = tags[:, None, None] & ~excluded
+        scores = np.where(remaining, cams, -np.inf)
+        best, top = scores.argmax(axis=0), scores.max(axis=0)
+        decided = (top > 0) | (remaining.sum(axis=0) == 1)
+        boxed = excluded.any(axis=0) & ~any_covered
+        out[boxed] = np.where(decided, best, IGNORE)[boxed]
     sam_class = np.where(covered, cams, -np.inf).argmax(axis=0)
     own = np.take_along_axis(cams, sam_class[None], axis=0)[0]
     rivals = np.where(tags[:, None, None], cams, -np.inf)
     np.put_along_axis(rivals, sam_class[None], -np.inf, axis=0)
-    any_covered = covered.any(axis=0)
     out[any_covered] = sam_class[any_covered]
     out[any_covered & (rivals.max(axis=0) - own >= disagreement)] = IGNORE
     return out
@@ -87,16 +104,19 @@ def sam_pseudo_mask(
     ids_threshold: float = 0.9,
     disagreement: float = 0.5,
     confidence: float = 0.5,
+    boxes=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """EP-SAM: keep a SAM mask only if at least ``ids_threshold`` of it lies in its class's CAM region
     (``cam >= cam_threshold``, the region its prompt came from), then :func:`fuse` the kept ones.
 
-    Returns the uint8 pseudo-mask and which of the N masks were kept.
+    ``boxes``: the (N, 4) prompt boxes, for :func:`fuse`'s rule inside them. Returns the uint8 pseudo-mask and
+    which of the N masks were kept.
     """
     cams, tags = _tagged_cams(cams, tags)
     masks, classes = np.asarray(masks, bool), np.asarray(classes, np.int64)
     keep = (inside_degree(masks, cams[classes] >= cam_threshold) >= ids_threshold) & tags[classes]
-    return fuse(masks[keep], classes[keep], cams, tags, disagreement, confidence), keep
+    kept_boxes = None if boxes is None else np.asarray(boxes)[keep]
+    return fuse(masks[keep], classes[keep], cams, tags, disagreement, confidence, kept_boxes), keep
 
 
 def save_pseudo_mask(path: str | os.PathLike, mask: np.ndarray) -> None:
