@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import BUNDLE, ROOT
+from conftest import BUNDLE
 
 SMALL = "$scripts.synthetic.prepare_demo(@demo_dir, n_train=4, n_validation=1, n_test=2, tile_size=64, slide_size=256, patch_size=32, stride=32)"
 TINY = {"cam_epochs": 1, "cam_input_size": 32, "max_epochs": 1, "refine_iterations": 1, "sam_backend": "tiny",

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from PIL import Image
 
 from scripts.seg_metrics import (

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from scipy import ndimage
 from skimage.color import rgb2hed
@@ -41,23 +40,18 @@ os.environ.setdefault("CUFILE_LOGFILE_PATH", os.devnull)
 
 from monai.bundle import ConfigParser  # noqa: E402
 from monai.data import load_decathlon_datalist  # noqa: E402
-from monai.inferers import SlidingWindowInferer  # noqa: E402
 
-from scripts.cam import MultiLayerCAM  # noqa: E402
+from scripts.cam import WholeImageCAM  # noqa: E402
 from scripts.images import read_mask, read_rgb  # noqa: E402
+from scripts.seg_metrics import confusion_matrix as confusion  # noqa: E402
+from scripts.seg_metrics import scores as cm_scores  # noqa: E402
 
 LAYERS = ("classifier", "backbone.blocks.5", "backbone.blocks.4")
 
 
-def confusion(pred: np.ndarray, gt: np.ndarray, n: int) -> np.ndarray:
-    valid = gt < n
-    return np.bincount(n * gt[valid].astype(np.int64) + pred[valid], minlength=n * n).reshape(n, n)
-
-
 def scores(cm: np.ndarray, dice: list[float], classes: list[str]) -> dict:
-    iou = np.diag(cm) / (cm.sum(0) + cm.sum(1) - np.diag(cm))
-    miou = float(np.mean(iou))
-    return {"miou": miou, "oeem_dice": 2 * miou / (1 + miou), **{f"iou_{c}": float(v) for c, v in zip(classes, iou)},
+    s = cm_scores(cm)
+    return {"miou": s["miou"], "oeem_dice": s["dice"], **{f"iou_{c}": float(v) for c, v in zip(classes, s["iou"])},
             "gland_dice_per_image": float(np.mean(dice))}
 
 
@@ -123,16 +117,7 @@ def main() -> None:
     print(json.dumps(result["classification"], indent=1))
 
     norm = parser.get_parsed_content("normalization")
-    mean = torch.tensor(norm["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(norm["std"]).view(1, 3, 1, 1)
-    extract = MultiLayerCAM(network, LAYERS, tta=args.tta, normalize=False)
-
-    def predict(windows: torch.Tensor):
-        x = F.interpolate(windows, size=(args.input_size,) * 2, mode="bilinear", align_corners=False)
-        cams = extract((x - mean) / std)
-        return tuple(F.interpolate(cams[n], size=windows.shape[-2:], mode="bilinear", align_corners=False) for n in LAYERS)
-
-    inferer = SlidingWindowInferer(args.window, sw_batch_size=16, overlap=0.5, mode="gaussian")
+    cam = WholeImageCAM(LAYERS, args.input_size, norm["mean"], norm["std"], window=args.window, tta=args.tta)
     entries = load_decathlon_datalist(args.datalist, False, "validation")
     images = sorted({(e["image"], e["mask"]) for e in entries})
     n = len(classes)
@@ -142,16 +127,15 @@ def main() -> None:
     t = time.time()
     for k, (image_path, mask_path) in enumerate(images):
         rgb, gt = read_rgb(image_path), read_mask(mask_path)
-        x = torch.from_numpy(rgb.transpose(2, 0, 1).astype(np.float32) / 255)[None]
-        maps = [m / m.amax((2, 3), keepdim=True).clamp_min(1e-12) for m in inferer(x, predict)]
-        preds = {name: m[0].argmax(0).numpy() for name, m in zip(LAYERS, maps)}
+        maps = cam(torch.from_numpy(rgb.transpose(2, 0, 1).copy())[None], network)[0]  # (layers, C, H, W)
+        preds = {name: m.argmax(0).numpy() for name, m in zip(LAYERS, maps)}
         preds["all_gland"] = np.full(gt.shape, gland, np.int64)
         preds["otsu_haematoxylin"] = np.where(otsu_haematoxylin(rgb), gland, 1 - gland)
         for name, pred in preds.items():
             cms[name] += confusion(pred, gt, n)
             dices[name].append(dice(pred, gt, gland))
         if k < args.figure_images:
-            rows.append(overlay_row(rgb, maps[0][0, gland].numpy(), (preds[LAYERS[0]] == gland).astype(int), (gt == gland).astype(int)))
+            rows.append(overlay_row(rgb, maps[0, gland].numpy(), (preds[LAYERS[0]] == gland).astype(int), (gt == gland).astype(int)))
         print(f"{k + 1}/{len(images)} {Path(image_path).name}: CAM gland Dice {dices[LAYERS[0]][-1]:.3f}", flush=True)
     result["segmentation_seconds"] = round(time.time() - t, 1)
     result["segmentation"] = {name: scores(cm, dices[name], classes) for name, cm in cms.items()}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
