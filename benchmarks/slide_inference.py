@@ -1,0 +1,209 @@
+"""Whole-slide inference throughput against a naive loop, and peak memory against slide area.
+
+One run (about 2-4 minutes on 2 busy CPU cores, slide generation included):
+
+    OMP_NUM_THREADS=1 python benchmarks/slide_inference.py [--work /tmp/wsss_bench] [--roi 128] [--device cpu]
+
+1. Generates two synthetic pyramidal slides (JPEG tiles, 0.25 um/px, about 30 % tissue): 20480 x 20480 and a quarter
+   of that area, 10240 x 10240 (kept in ``--work`` for reruns). The tissue is rendered by ``scripts.synthetic`` at
+   1 um/px and level 0 repeats each pixel 4 x 4, so the generation streams and stays within a few GB.
+2. Infers the large slide at the model's 1 um/px (pyramid level 2, a 5120 x 5120 grid) with the bundle's network
+   (FlexibleUNet + EfficientNet-Lite0, random weights: speed does not depend on them), ``--roi`` windows (default 128,
+   the demo's training patch size), overlap 0.25:
+   (a) ours (:class:`scripts.slide_inference.SlideInference`: tissue tiles only, DataLoader worker, batched Gaussian
+   sliding window, all outputs written); (b) a naive loop over the same window grid: OpenSlide ``read_region`` per
+   window, batch 1, every window of the slide, reading and network one after the other; (c) ours' reading alone
+   (the DataLoader over the tissue tiles) and the network alone (as many windows as ours inferred, random input).
+   Throughput is tissue megapixels (at the inference grid) per second of wall time for all of them.
+3. Peak RSS of ours on each slide in a fresh subprocess (main process and DataLoader worker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
+
+from monai.inferers import SlidingWindowInferer  # noqa: E402
+from monai.networks.nets import FlexibleUNet  # noqa: E402
+
+import scripts.seg_net  # noqa: E402,F401  (registers efficientnet-lite0)
+from scripts.pyramid_tiff import write_pyramidal_tiff  # noqa: E402
+from scripts.slide_inference import SlideInference  # noqa: E402
+from scripts.synthetic import CLASSES, make_slide_array  # noqa: E402
+
+SLIDE_MPP, MODEL_MPP, RENDER_FACTOR, TISSUE = 0.25, 1.0, 4, 0.3
+OVERLAP = 0.25
+SW_BATCH = 8 if torch.cuda.is_available() else 2  # measured: on CPU, windows beyond 2 per call are slower (cache)
+
+
+class Upsampled:
+    """Level 0 of a benchmark slide: ``canvas`` with each pixel repeated ``factor`` x ``factor``, built per block
+    when the TIFF writer asks (never the whole level in memory)."""
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, canvas: np.ndarray, factor: int):
+        self.canvas, self.factor = canvas, factor
+        self.shape = (canvas.shape[0] * factor, canvas.shape[1] * factor, 3)
+
+    def __getitem__(self, index):
+        rows, cols = index
+        ys = np.arange(*rows.indices(self.shape[0])) // self.factor
+        xs = np.arange(*cols.indices(self.shape[1])) // self.factor
+        return self.canvas[ys[:, None], xs[None, :]]
+
+
+def make_slide(path: Path, size: int, seed: int) -> Path:
+    if not path.exists():
+        start = time.time()
+        canvas, _ = make_slide_array(np.random.default_rng(seed), size // RENDER_FACTOR, size // RENDER_FACTOR,
+                                     tissue_fraction=TISSUE, scale=0.5)
+        write_pyramidal_tiff(path, Upsampled(canvas, RENDER_FACTOR), mpp=SLIDE_MPP, quality=80,
+                             description=f"synthetic benchmark slide {size} x {size}")
+        print(f"generated {path.name} ({size} x {size}, {path.stat().st_size / 1e6:.0f} MB) in {time.time() - start:.0f} s",
+              flush=True)
+    return path
+
+
+def network(device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return FlexibleUNet(3, len(CLASSES), "efficientnet-lite0", pretrained=False).to(device).eval()
+
+
+def ours(device, roi: int, num_workers: int = 1) -> SlideInference:
+    return SlideInference(network(device), SlidingWindowInferer(roi, SW_BATCH, OVERLAP, mode="gaussian"), CLASSES,
+                          device=device, mpp=MODEL_MPP, num_workers=num_workers, amp=device.type == "cuda",
+                          progress=False, overwrite=True)
+
+
+def naive(path: Path, si: SlideInference, limit: int | None) -> tuple[float, int, int]:
+    """OpenSlide read_region + network, one window at a time, over the whole grid ours uses (same window positions).
+    Returns seconds for the windows done (all, and reading), windows done, windows in the grid."""
+    import openslide
+
+    slide = openslide.OpenSlide(str(path))
+    plan_grid = si.plan(str(path)).grid
+    level, ds = plan_grid.level, plan_grid.level_downsample
+    roi = si.roi
+    stride = roi - 2 * si.margin
+    ys = range(-si.margin, plan_grid.height - si.margin, stride)
+    xs = range(-si.margin, plan_grid.width - si.margin, stride)
+    windows = [(y, x) for y in ys for x in xs]
+    done = windows[:limit] if limit else windows
+    net, reading = naive_network(si), 0.0
+    start = time.time()
+    with torch.inference_mode():
+        for y, x in done:
+            read_start = time.time()
+            region = slide.read_region((int(x * ds), int(y * ds)), level, (roi, roi)).convert("RGB")
+            image = torch.from_numpy(np.asarray(region).copy()).permute(2, 0, 1)[None].float().div(255).to(si.device)
+            reading += time.time() - read_start
+            with torch.autocast(si.device.type, enabled=si.device.type == "cuda"):
+                torch.softmax(net(image).float(), 1).argmax(1).cpu()
+    return time.time() - start, reading, len(done), len(windows)
+
+
+def naive_network(si: SlideInference) -> torch.nn.Module:
+    """The same weights in the default memory layout (ours converts its copy to channels-last)."""
+    net = network(si.device)
+    net.load_state_dict(si.network.state_dict())
+    return net
+
+
+def reading_only(si: SlideInference, path: Path) -> float:
+    plan = si.plan(str(path))
+    start = time.time()
+    for _ in si.loader(plan):
+        pass
+    return time.time() - start
+
+
+def network_only(si: SlideInference, windows: int) -> float:
+    x = torch.rand(SW_BATCH, 3, si.roi, si.roi, device=si.device)
+    start = time.time()
+    with torch.inference_mode():
+        for i in range(0, windows, SW_BATCH):
+            with torch.autocast(si.device.type, enabled=si.device.type == "cuda"):
+                torch.softmax(si.network(x[: min(SW_BATCH, windows - i)]).float(), 1).cpu()
+    return time.time() - start
+
+
+def rss_child(path: str, out: str, device: str, roi: int) -> None:
+    """One inference in this process; prints peak RSS (MB) of this process and of its DataLoader worker.
+
+    This process's peak is VmHWM: ``ru_maxrss`` survives exec on Linux, so it would report the parent's peak (the
+    slide generation) whenever that is higher."""
+    ours(torch.device(device), roi)([path], out)
+    status = Path("/proc/self/status").read_text()
+    own = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
+    worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({"main_mb": round(own, 1), "worker_mb": round(worker, 1)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", default="/tmp/wsss_bench")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--roi", type=int, default=128, help="the network's input (window) size")
+    parser.add_argument("--naive-windows", type=int, default=None, help="time the naive loop on this many windows only")
+    parser.add_argument("--rss-child", nargs=2, metavar=("SLIDE", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.rss_child:
+        return rss_child(*args.rss_child, args.device, args.roi)
+    started, device, work = time.time(), torch.device(args.device), Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    large, small = make_slide(work / "large.tif", 20480, 1), make_slide(work / "small.tif", 10240, 2)
+
+    si = ours(device, args.roi)
+    si.plan(str(small))  # warm-up: imports, first decode
+    start = time.time()
+    summary = si([large], work / "out")[0]
+    t_ours = time.time() - start
+    tissue_mp = summary["tissue_pixels"] / 1e6
+    t_read = reading_only(si, large)
+    t_net = network_only(si, summary["windows_inferred"])
+    t_naive, t_naive_read, done, total = naive(large, si, args.naive_windows)
+    t_naive_all = t_naive * total / done
+
+    rss = {}
+    for name, path in (("small", small), ("large", large)):
+        child = subprocess.run([sys.executable, __file__, "--device", args.device, "--roi", str(args.roi), "--rss-child", str(path), str(work / f"rss_{name}")],
+                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+        if child.returncode:
+            raise SystemExit(child.stderr[-3000:])
+        rss[name] = json.loads(child.stdout.strip().splitlines()[-1])
+
+    grid = summary["grid_size"]
+    rate = lambda seconds: tissue_mp / seconds  # noqa: E731
+    print(f"\nslide {large.name}: 20480 x 20480 at {SLIDE_MPP} um/px; inference grid {grid[0]} x {grid[1]} (level "
+          f"{summary['level']}, {summary['mpp']} um/px); tissue {tissue_mp:.2f} MP "
+          f"({100 * tissue_mp / (grid[0] * grid[1] / 1e6):.0f} % of the grid); device {device}, "
+          f"{torch.get_num_threads()} torch thread(s); windows {si.roi} px, overlap {OVERLAP}, {SW_BATCH} per call")
+    print(f"tiles inferred {summary['tiles_inferred']} of {summary['tiles_total']}, windows {summary['windows_inferred']} of {total}")
+    print(f"(a) ours                {t_ours:7.1f} s  {rate(t_ours):6.3f} tissue MP/s")
+    note = "" if done == total else f"  (timed on {done} of {total} windows, extrapolated)"
+    print(f"(b) naive               {t_naive_all:7.1f} s  {rate(t_naive_all):6.3f} tissue MP/s{note}")
+    print(f"    of which reading {100 * t_naive_read / t_naive:.0f} %; speed-up (a)/(b) {t_naive_all / t_ours:.2f} x")
+    print(f"(c) reading only        {t_read:7.1f} s  {rate(t_read):6.3f} tissue MP/s")
+    print(f"    network only        {t_net:7.1f} s  {rate(t_net):6.3f} tissue MP/s")
+    print(f"    ours / slower of the two: {max(t_read, t_net) / t_ours:.2f}")
+    ratio = rss["large"]["main_mb"] / rss["small"]["main_mb"]
+    print(f"peak RSS main process: small {rss['small']['main_mb']:.0f} MB, large (4x area) {rss['large']['main_mb']:.0f} MB, "
+          f"ratio {ratio:.3f}; DataLoader worker: {rss['small']['worker_mb']:.0f} / {rss['large']['worker_mb']:.0f} MB")
+    print(f"whole run {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

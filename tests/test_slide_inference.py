@@ -1,0 +1,269 @@
+"""Whole-slide inference on small synthetic slides with tiny networks: grid choice, tissue mask, output round trips,
+interrupted runs, sharding over gloo ranks, bad input, and inference.json through monai.bundle."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import openslide
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.inferers import SlidingWindowInferer
+from PIL import Image
+from torch import nn
+
+from conftest import BUNDLE, ROOT, shared
+from scripts.annotations import read_geojson
+from scripts.errors import DataError
+from scripts.pyramid_tiff import write_pyramidal_tiff
+from scripts.slide_inference import SlideInference, choose_grid, find_inputs, open_input, shard
+from scripts.synthetic import make_slide_array
+
+torch.set_num_threads(1)
+CLASSES = ["stroma", "gland"]
+PINK, PURPLE, GLASS = (230, 150, 190), (100, 40, 140), (245, 245, 245)
+
+
+class ColourNet(nn.Module):
+    """Per-pixel 'network': gland where the red channel is dark (the purple square), stroma elsewhere; exact, so the
+    outputs can be checked against the painted geometry."""
+
+    def forward(self, x):
+        return torch.cat([torch.zeros_like(x[:, :1]), 20 * (0.6 - x[:, :1])], 1)
+
+
+def inference(network=None, classes=CLASSES, **kwargs):
+    options = {"mpp": 1.0, "tile_size": 96, "num_workers": 0, "progress": False, "prob_downsample": 4, **kwargs}
+    return SlideInference(network or ColourNet(), SlidingWindowInferer(64, 4, 0.25, mode="gaussian"), classes, **options)
+
+
+def square_rgb():
+    """Glass with a pink tissue block (rows 64-448, cols 128-640) holding a purple square (rows 192-320, cols
+    256-384)."""
+    rgb = np.full((512, 768, 3), GLASS, np.uint8)
+    rgb[64:448, 128:640] = PINK
+    rgb[192:320, 256:384] = PURPLE
+    return rgb
+
+
+def square_slide(path, mpp=0.5, rgb=None):
+    """:func:`square_rgb` (or ``rgb``) as a pyramid with lossless tiles, so the colours are exact."""
+    write_pyramidal_tiff(path, square_rgb() if rgb is None else rgb, mpp=mpp, compression="lzw", min_size=128)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def synthetic_slide(tmp_path_factory):
+    rgb, mask = make_slide_array(np.random.default_rng(3), 768, 1024, tissue_fraction=0.35)
+    path = tmp_path_factory.mktemp("slide") / "synthetic.tif"
+    write_pyramidal_tiff(path, rgb, mpp=0.5, min_size=128)
+    return str(path), mask
+
+
+def test_grid_follows_mpp(tmp_path):
+    reader, wsi = open_input(square_slide(tmp_path / "s.tif"))  # levels: 1, 2, 4 (512 x 768 at 0.5 um/px)
+    same = choose_grid(reader, wsi, 0.5, 1.0)
+    assert (same.level, same.downsample, same.height, same.width, same.mpp, same.scale) == (1, 2.0, 256, 384, 1.0, 1.0)
+    near = choose_grid(reader, wsi, 0.5, 1.05)  # within 10 %: the level as it is
+    assert (near.level, near.scale, near.mpp) == (1, 1.0, 0.5 * 2)
+    between = choose_grid(reader, wsi, 0.5, 1.5)  # no level: resampled from the finer one
+    assert (between.level, between.downsample, between.height, between.width) == (1, 3.0, 171, 256)
+    assert between.scale == pytest.approx(1.5) and between.mpp == pytest.approx(1.5)
+    finer = choose_grid(reader, wsi, 0.5, 0.25)  # the slide is coarser than the model: level 0 upsampled
+    assert (finer.level, finer.height, finer.width, finer.scale) == (0, 1024, 1536, 0.5)
+    as_is = choose_grid(reader, wsi, None, None)
+    assert (as_is.level, as_is.downsample, as_is.mpp) == (0, 1.0, None)
+
+
+def test_tissue_mask_and_tiles_on_a_synthetic_slide(synthetic_slide):
+    path, truth = synthetic_slide
+    plan = inference().plan(path)
+    ds = int(plan.mask_downsample)
+    tissue = truth[::ds, ::ds][: plan.mask.shape[0], : plan.mask.shape[1]] != 255
+    iou = (plan.mask & tissue).sum() / (plan.mask | tissue).sum()
+    assert iou > 0.85
+    assert 0 < len(plan.tiles) < plan.total_tiles  # glass-only tiles are never read
+    for ty, tx in plan.tiles:
+        block = truth[ty * 2 : (ty + plan.tile) * 2, tx * 2 : (tx + plan.tile) * 2]
+        assert (block != 255).any()
+
+
+def test_outputs_round_trip(tmp_path):
+    si = inference()
+    summary = si([square_slide(tmp_path / "square.tif")], tmp_path / "out")[0]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["square.geojson", "square_labels.tif", "square_overlay.png",
+                                                     "square_probabilities.npy", "square_summary.json"]
+    # the label TIFF: the inference level (1 um/px = level 1, 384 x 256) with its mpp, a pyramid OpenSlide opens
+    slide = openslide.OpenSlide(str(out / "square_labels.tif"))
+    assert slide.dimensions == (384, 256) and slide.level_count == 2 and slide.level_dimensions[1] == (192, 128)
+    assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(1.0)
+    import tifffile
+
+    labels = tifffile.imread(out / "square_labels.tif", level=0)
+    expected = np.full((256, 384), 255, np.uint8)
+    expected[32:224, 64:320] = 0
+    expected[96:160, 128:192] = 1
+    assert (labels == expected).mean() > 0.99  # only the tissue mask's low-resolution edge may differ
+    assert (labels[100:156, 132:188] == 1).all() and (labels[40:90, 70:120] == 0).all()
+    # GeoJSON in level-0 pixels: the gland polygon is the purple square (rows 192-320, cols 256-384)
+    polygons = read_geojson(out / "square.geojson")
+    glands = [p for p in polygons if p.class_name == "gland"]
+    assert len(glands) == 1 and not glands[0].holes
+    (x0, y0), (x1, y1) = glands[0].exterior.min(0), glands[0].exterior.max(0)
+    step = summary["probability_downsample"]  # polygons come from the reduced map: one of its pixels of slack
+    assert abs(x0 - 256) <= step and abs(x1 - 384) <= step and abs(y0 - 192) <= step and abs(y1 - 320) <= step
+    stroma = [p for p in polygons if p.class_name == "stroma"]
+    assert len(stroma) == 1 and len(stroma[0].holes) == 1  # the block with the square as its hole
+    assert json.loads((out / "square.geojson").read_text())["features"][0]["properties"]["classification"]["name"]
+    # probabilities at a reduced resolution, areas in mm2
+    probs = np.load(out / "square_probabilities.npy")
+    assert probs.shape == (2, 64, 96) and probs.dtype == np.float16 and 0 <= probs.min() and probs.max() <= 1
+    assert summary["class_area_mm2"]["gland"] == pytest.approx(128 * 128 * 0.25e-6, rel=0.05)
+    assert summary["tiles_inferred"] > 0 and summary["resampled"] is False
+    assert Image.open(out / "square_overlay.png").size[0] >= 384
+
+
+class Interrupt(nn.Module):
+    def forward(self, x):
+        raise KeyboardInterrupt
+
+
+def test_interrupted_run_leaves_nothing(tmp_path):
+    path = square_slide(tmp_path / "square.tif")
+    with pytest.raises(KeyboardInterrupt):
+        inference(Interrupt())([path], tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_existing_outputs_are_skipped_unless_overwrite(tmp_path):
+    path = square_slide(tmp_path / "square.tif")
+    inference()([path], tmp_path / "out")
+    assert inference(Interrupt())([path], tmp_path / "out")[0]["skipped"]
+    with pytest.raises(KeyboardInterrupt):
+        inference(Interrupt(), overwrite=True)([path], tmp_path / "out")
+    assert len(list((tmp_path / "out").iterdir())) == 5  # the earlier outputs stay whole
+
+
+def _shard_rank(rank, world, init, result):
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, shard([f"slide{i}.svs" for i in range(7)]))
+    if rank == 0:
+        with open(result, "w") as f:
+            json.dump(gathered, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_ranks_get_disjoint_slides_covering_the_list(tmp_path):
+    result = tmp_path / "shards.json"
+    torch.multiprocessing.spawn(_shard_rank, args=(2, f"file://{tmp_path / 'init'}", str(result)), nprocs=2)
+    first, second = json.loads(result.read_text())
+    assert first and second and not set(first) & set(second)
+    assert sorted(first + second) == sorted(f"slide{i}.svs" for i in range(7))
+
+
+def test_find_inputs(tmp_path):
+    for name in ("b.svs", "a.tif", "c.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert find_inputs(input_dir=tmp_path) == [str(tmp_path / n) for n in ("a.tif", "b.svs", "c.png")]
+    assert find_inputs(str(tmp_path / "*.svs")) == [str(tmp_path / "b.svs")]
+    assert find_inputs([str(tmp_path / "a.tif"), str(tmp_path / "a.tif")]) == [str(tmp_path / "a.tif")]
+    with pytest.raises(DataError, match=r"\*\.ndpi: the pattern matches no file"):
+        find_inputs(str(tmp_path / "*.ndpi"))
+    with pytest.raises(DataError, match="no input"):
+        find_inputs()
+
+
+def test_bad_inputs(tmp_path):
+    si, out = inference(), tmp_path / "out"
+    with pytest.raises(DataError, match="missing.svs: slide file not found"):
+        si([tmp_path / "missing.svs"], out)
+    good = square_slide(tmp_path / "good.tif")
+    truncated = tmp_path / "truncated.tif"
+    truncated.write_bytes(open(good, "rb").read()[:5000])
+    with pytest.raises(DataError, match=r"1 of 2 inputs failed:\n.*truncated.tif: truncated slide file"):
+        si([truncated, good], out)
+    assert (out / "good_summary.json").exists() and not list(out.glob("truncated*"))  # the good one still done
+    with pytest.raises(DataError, match="nomp.tif: the slide records no pixel size .* --slide_mpp"):
+        si([square_slide(tmp_path / "nomp.tif", mpp=None)], out)
+    assert inference(slide_mpp=0.5)([tmp_path / "nomp.tif"], out)[0]["mpp"] == 1.0  # the explicit override
+    assert inference(mpp=None)([tmp_path / "nomp.tif"], tmp_path / "as_is")[0]["grid_size"] == [512, 768]
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    with pytest.raises(DataError, match="a_file/out: the output folder cannot be written"):
+        si([good], blocked / "out")
+
+
+def test_glass_only_slide_gives_empty_outputs(tmp_path):
+    path = square_slide(tmp_path / "glass.tif", rgb=np.full((512, 768, 3), GLASS, np.uint8))
+    summary = inference()([path], tmp_path / "out")[0]
+    assert summary["message"].startswith("no tissue found") and summary["tiles_inferred"] == 0
+    assert json.loads((tmp_path / "out" / "glass.geojson").read_text())["features"] == []
+    import tifffile
+
+    assert (tifffile.imread(tmp_path / "out" / "glass_labels.tif") == 255).all()
+
+
+def test_rgba_and_grey_tiles(tmp_path):
+    rgb = np.full((200, 300, 3), GLASS, np.uint8)
+    rgb[40:160, 60:240] = PINK
+    rgb[80:120, 100:140] = PURPLE
+    alpha = np.full((200, 300, 1), 255, np.uint8)
+    alpha[:, :30] = 0  # transparent: composited on white
+    Image.fromarray(np.concatenate([rgb, alpha], 2), "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(rgb.mean(2).astype(np.uint8), "L").save(tmp_path / "grey.png")
+    summaries = inference(mpp=0.5)([tmp_path / "rgba.png", tmp_path / "grey.png"], tmp_path / "out")
+    rgba, grey = summaries
+    assert rgba["grid_size"] == [200, 300] and rgba["class_pixels"]["gland"] == pytest.approx(40 * 40, rel=0.05)
+    assert grey["tissue_pixels"] == 0 and grey["message"].startswith("no tissue")  # grey has no saturation: no H&E
+
+
+def test_real_slides(tmp_path):
+    cmu = shared("wsi", "CMU-1-Small-Region.svs")
+    tcga = shared("wsi", "tcga-cr-7395-01a-01-ts1.svs")
+    with pytest.raises(DataError, match="records no pixel size"):
+        inference(mpp=8.0).plan(str(tcga))
+    si = inference(mpp=8.0, slide_mpp=2.0)
+    summaries = si([cmu, tcga], tmp_path / "out")
+    for summary in summaries:
+        slide = openslide.OpenSlide(summary["slide"])
+        labels = openslide.OpenSlide(str(tmp_path / "out" / summary["outputs"]["labels"]))
+        assert labels.dimensions == tuple(summary["grid_size"][::-1])
+        assert float(labels.properties["openslide.mpp-x"]) == pytest.approx(summary["mpp"], rel=1e-3)
+        w, h = slide.dimensions
+        for polygon in read_geojson(tmp_path / "out" / summary["outputs"]["geojson"]):
+            assert polygon.exterior.min() >= 0 and (polygon.exterior <= [w, h]).all()
+
+
+def test_inference_config_through_monai_bundle(tmp_path):
+    """The run id `inference` on a folder (a slide and a tile), as users call it; and MONAI Label's keys on a tile."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    square_slide(folder / "square.tif")
+    Image.fromarray(square_rgb()).save(folder / "tile.png")
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "inference", "--bundle_root", str(BUNDLE),
+         "--config_file", str(BUNDLE / "configs" / "inference.json"), "--input_dir", str(folder),
+         "--output_dir", str(tmp_path / "out"), "--ckpt_path", "$None", "--roi_size", "[64, 64]", "--tile_size", "128",
+         "--num_workers", "1", "--progress_bar", "False"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "randomly initialised" in result.stdout + result.stderr
+    assert {json.loads(p.read_text())["slide"] for p in (tmp_path / "out").glob("*_summary.json")} == {
+        str(folder / "square.tif"), str(folder / "tile.png")}
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(BUNDLE), "roi_size": [64, 64]})
+    for key in ("network_def", "preprocessing", "inferer", "postprocessing", "device", "bundle_root"):
+        assert key in parser, key
+    data = parser.get_parsed_content("preprocessing")({"image": str(folder / "tile.png")})
+    network = parser.get_parsed_content("network").eval()
+    with torch.no_grad():
+        data["pred"] = parser.get_parsed_content("inferer")(data["image"][None], network)[0]
+    pred = parser.get_parsed_content("postprocessing")(data)["pred"]
+    assert pred.dtype == torch.uint8 and tuple(pred.shape) == (1, 512, 768)
