@@ -1,11 +1,12 @@
-"""Prompts from CAMs: components -> boxes, CAM-weighted positive points, negatives from other classes."""
+"""Prompts from CAMs: objects (components, or watershed instances from CAM peaks) -> boxes, positive points at the
+peak and CAM-weighted, negatives from other classes; only object classes are prompted."""
 
 import numpy as np
 import pytest
 from skimage.draw import disk
 
 from scripts.errors import DataError
-from scripts.prompts import cam_prompts
+from scripts.prompts import cam_prompts, instances
 
 
 def blobs(shape, centres, radius, value=1.0):
@@ -13,6 +14,12 @@ def blobs(shape, centres, radius, value=1.0):
     for c in centres:
         cam[disk(c, radius, shape=shape)] = value
     return cam
+
+
+def cones(shape, centres, radius):
+    """A CAM that peaks at each centre and falls off linearly, like a blurred object; touching where they overlap."""
+    rows, cols = np.indices(shape)
+    return np.max([np.clip(1 - np.hypot(rows - y, cols - x) / radius, 0, None) for y, x in centres], 0).astype(np.float32)
 
 
 def test_no_component_gives_empty_prompts_of_the_right_shapes():
@@ -85,6 +92,45 @@ def test_four_classes_and_determinism():
     assert len(a) > 3 and 1 not in a.classes
     assert all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("boxes", "points", "labels", "classes"))
     assert not np.array_equal(a.points, c.points)
+
+
+def test_touching_objects_with_two_peaks_give_two_prompts():
+    cam = cones((60, 100), [(30, 30), (30, 64)], 24)  # one connected blob, two peaks 34 px apart
+    assert len(cam_prompts(cam[None], [1], threshold=0.2, min_area=10)) == 1  # components merge them
+    p = cam_prompts(cam[None], [1], threshold=0.2, min_area=10, margin=0, n_positive=3, min_distance=16)
+    assert len(p) == 2
+    peaks = sorted(map(tuple, p.points[:, 0].astype(int).tolist()))
+    assert peaks == [(30, 30), (30, 64)]  # the first positive point is the object's peak
+    for box, points, labels in zip(p.boxes, p.points, p.labels):
+        y0, x0, y1, x1 = box
+        assert len([x for _, x in peaks if x0 <= x <= x1]) == 1  # each box holds one of the objects, not both
+        assert len({tuple(q) for q in points[labels == 1].tolist()}) == 3  # the peak is not drawn again
+    assert len(cam_prompts(cam[None], [1], threshold=0.2, min_area=10, min_distance=40)) == 1  # peaks too close
+
+
+def test_instances_cover_the_region_and_a_flat_component_keeps_one_peak():
+    cam = cones((60, 100), [(30, 30), (30, 64)], 24)
+    region = cam >= 0.2
+    labels, peaks = instances(cam, region, 16)
+    assert labels.max() == 2 and ((labels > 0) == region).all()
+    assert [labels[tuple(q)] for q in peaks] == [1, 2]
+    flat = np.ones((20, 30), np.float32)  # no local maximum stands out: the whole image is one object
+    labels, peaks = instances(flat, flat > 0, 8)
+    assert labels.max() == 1 and (labels == 1).all() and len(peaks) == 1
+    labels, peaks = instances(cam, region, None)
+    assert labels.max() == 1 and peaks is None
+
+
+def test_only_object_classes_are_prompted_and_background_gives_negatives():
+    gland = cones((80, 80), [(40, 40)], 20)
+    stroma = 1 - gland  # background-like: everywhere the gland is not
+    p = cam_prompts(np.stack([stroma, gland]), [1, 1], n_negative=3, objects=[1])
+    assert p.classes.tolist() == [1]  # no whole-image box for stroma
+    negatives = p.points[0][p.labels[0] == 0].astype(int)
+    rows, cols = negatives.T
+    assert len(negatives) == 3 and (stroma[rows, cols] > gland[rows, cols]).all()
+    assert set(cam_prompts(np.stack([stroma, gland]), [1, 1]).classes.tolist()) == {0, 1}  # objects=None: every class
+    assert len(cam_prompts(np.stack([stroma, gland]), [1, 0], objects=[1])) == 0  # an untagged object class: nothing
 
 
 @pytest.mark.parametrize("shape,tags,threshold", [((2, 5, 5), [1], 0.5), ((5, 5), [1], 0.5), ((1, 5, 5), [1], 0.0)])

@@ -206,3 +206,25 @@ def test_bad_cam_checkpoints_name_the_file(tmp_path):
         pl.load_cam_network(network, tmp_path / "other.pt")
     torch.save({"model": network.state_dict(), "optimizer": {}}, tmp_path / "cam_last.pt")
     assert pl.load_cam_network(CAMNet(2, pretrained=False), tmp_path / "cam_last.pt") is not None
+
+
+def test_sam_classes_pick_the_prompted_classes_in_both_passes(demo, tmp_path):
+    rules = workflow(demo, tmp_path, sam_classes=["gland"]).parser.get_parsed_content("rules")
+    assert rules.objects == [1]
+    assert rules.prompt_args["min_distance"] is None  # default: one prompt per CAM component, no watershed split
+    assert workflow(demo, tmp_path).parser.get_parsed_content("rules").objects is None  # default: every class
+    cams = np.zeros((3, 48, 48), np.float32)
+    cams[1, 8:40, 8:40] = np.hanning(32)[:, None] * np.hanning(32)[None]  # one gland
+    cams[0] = 1 - cams[1]  # stroma all around it
+    pseudo = np.where(cams[1] > cams[0], 1, 0).astype(np.uint8)
+    tags = np.array([True, True, False])
+    for objects, classes in ((None, {0, 1}), ([1], {1})):
+        r = pl.Rules(prompt_args={"min_area": 4, "min_distance": 8}, objects=objects)
+        assert set(r.prompts("x", cams, tags).classes.tolist()) == classes  # CAM prompts, first pass and rounds
+        assert set(r.mask_prompts("x", pseudo, tags, 1).classes.tolist()) == classes  # the decoder's training prompts
+    with pytest.raises(DataError, match=r"sam_classes \['tumour'\] are not among"):
+        pl.object_classes(["stroma", "gland"], ["gland", "tumour"])
+
+
+def test_cam_cell_follows_the_scale_the_cam_reads_the_image_at():
+    assert pl.cam_cell(16, 112, 112) == 16 and pl.cam_cell(16, 448, 224) == 32 and pl.cam_cell(32, None, 224) == 32

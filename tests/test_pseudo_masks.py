@@ -111,3 +111,19 @@ def test_save_pseudo_mask(tmp_path):
 def test_bad_shapes_are_refused():
     with pytest.raises(DataError, match="tags"):
         cam_pseudo_mask(np.zeros((2, 4, 4)), [1, 1, 1])
+
+
+def test_one_mask_per_object_and_an_unprompted_background_class():
+    """Binary gland task, prompts for glands only: each gland's kept mask draws its outline inside its own box;
+    stroma (never prompted) takes the rest where its CAM wins; a rejected gland mask leaves the CAM's blob."""
+    cams = np.zeros((2, 20, 40), np.float32)
+    cams[1, 2:18, 2:18] = cams[1, 2:18, 22:38] = 0.9  # two glands, two CAM blobs
+    cams[0] = 1 - cams[1]
+    kept = box_mask((20, 40), 4, 4, 16, 16)  # SAM's outline of the left gland, tighter than the blurry CAM
+    spills = box_mask((20, 40), 0, 20, 20, 40)  # SAM's mask of the right gland leaks into stroma: IDS 0.64
+    boxes = [[2, 2, 17, 17], [2, 22, 17, 37]]
+    out, keep = sam_pseudo_mask(np.stack([kept, spills]), [1, 1], cams, [1, 1], boxes=boxes)
+    assert keep.tolist() == [True, False]
+    assert (out[kept] == 1).all() and (out[2:18, 2:18][~kept[2:18, 2:18]] == 0).all()
+    assert (out[2:18, 22:38] == 1).all()  # the rejected mask's box has no say: the CAM keeps that gland
+    assert (out[:, 18:22] == 0).all() and (out[0:2] == 0).all()  # stroma wherever no gland is

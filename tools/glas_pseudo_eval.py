@@ -3,11 +3,13 @@
 figure (image, CAM, prompts, masks, ground truth).
 
     python -m monai.bundle run --config_file bundle/configs/pseudo_label.json --bundle_root bundle \\
-        --datalist GLAS_DATALIST --cam_checkpoint CAM.pt --input_size 112 --output_dir OUT
-    python tools/glas_pseudo_eval.py --datalist GLAS_DATALIST --output_dir OUT [--set '{"key": value}']
-        [--figure bundle/docs/pseudo_labels_glas.png]
+        --datalist GLAS_DATALIST --cam_checkpoint CAM.pt --input_size 112 --output_dir OUT --sam_classes "['gland']"
+    python tools/glas_pseudo_eval.py --datalist GLAS_DATALIST --output_dir OUT \
+        --set '{"sam_classes": ["gland"], "input_size": 112}' [--figure bundle/docs/pseudo_labels_glas.png]
 
-``--set`` repeats any overrides of the run that change the prompts (the figure redraws them from the saved CAMs).
+``--set`` repeats every override of the run that changes the prompts (the figure and ``prompts_per_image`` redraw them
+from the saved CAMs), ``input_size`` included: it sets the CAM cell that ``min_area`` (and ``min_distance``, when set) derive from.
+In GlaS a gland is the object SAM outlines; "non-gland" is the stroma and lumen around it.
 OEEM protocol: per class, intersection and union summed over all images, then the mean over the classes.
 - ``miou``: ignore (255) pixels take the CAM's arg-max over the tagged classes, so every row labels every pixel and
   (a) is that arg-max itself: two rows differ exactly where the methods decide differently.

@@ -97,6 +97,23 @@ def patch_size(datalist: str | os.PathLike, split: str = "training") -> int | No
     return sizes.pop()[0]
 
 
+def cam_cell(stride: int, window: int | None, input_size: int) -> float:
+    """Image pixels per CAM cell: the network's output ``stride`` at the scale the CAM inferer reads the image
+    (a ``window`` resized to ``input_size``; for whole images, those at ``input_size``). Nothing finer than a cell
+    is resolved, so two objects are told apart only by peaks at least two cells apart with a dip between them."""
+    return stride * (window or input_size) / input_size
+
+
+def object_classes(classes: Sequence[str], names: Sequence[str] | None) -> list[int] | None:
+    """Indices of the classes SAM is prompted for (``sam_classes``), None for all; an unknown name is a DataError."""
+    if names is None:
+        return None
+    unknown = sorted(set(names) - set(classes))
+    if unknown:
+        raise DataError(f"sam_classes {unknown} are not among the datalist's classes {list(classes)}")
+    return [list(classes).index(n) for n in names]
+
+
 def load_cam_network(network: nn.Module, checkpoint: str | os.PathLike, device="cpu") -> nn.Module:
     """The trained CAM classifier in eval mode; accepts ``cam_best.pt`` (a state dict) or ``cam_last.pt``
     (the trainer's dict with a ``model`` entry). A missing, damaged or mismatched file is a DataError naming it."""
@@ -141,6 +158,11 @@ class Rules:
     ``cam_threshold`` None it is where the class has the highest tagged CAM, the CAM-only arg-max labelling: no
     threshold to choose, and SAM then redraws the boundaries of the arg-max blobs (every pixel of an H&E tile is
     some class, so the arg-max is the CAM's own answer).
+
+    ``objects``: the classes SAM is prompted for (None: every class). SAM outlines objects (a gland, a nucleus, a
+    tumour nest); a background-like class (stroma, lumen, "not gland") is no object and a box around it is the
+    whole image. Such classes get no prompts, in the first pass or in refinement; they keep the pixels no kept SAM
+    mask covers where their CAM wins, and SAM's masks of the object classes draw their boundary.
     """
 
     cam_threshold: float | None = None
@@ -148,7 +170,8 @@ class Rules:
     confidence: float = 0.0  # uncovered pixels: the CAM's class where its CAM reaches this (and is > 0), else ignore
     disagreement: float = 0.5
     box_rule: bool = True  # inside a kept mask's prompt box SAM draws the boundary (see scripts.pseudo_masks.fuse)
-    prompt_args: dict = field(default_factory=dict)  # margin, n_positive, n_negative, min_area, max_components
+    prompt_args: dict = field(default_factory=dict)  # of scripts.prompts.cam_prompts: margin, min_distance, ...
+    objects: Sequence[int] | None = None
     seed: int = 0
 
     def rng(self, name: str, *extra: int) -> np.random.Generator:
@@ -164,12 +187,15 @@ class Rules:
 
     def prompts(self, name: str, cams: np.ndarray, tags) -> Prompts:
         cams, threshold = self.regions(cams, tags)
-        return cam_prompts(cams, tags, threshold=threshold, rng=self.rng(name), **self.prompt_args)
+        return cam_prompts(cams, tags, threshold=threshold, objects=self.objects, rng=self.rng(name),
+                           **self.prompt_args)
 
     def mask_prompts(self, name: str, pseudo: np.ndarray, tags, round_: int) -> Prompts:
-        """Training prompts for the decoder: the components of each class of a pseudo-mask, like CAM blobs."""
+        """Training prompts for the decoder: the connected components of each object class of a pseudo-mask (a flat
+        one-hot map has no peaks to split at)."""
         onehot = np.stack([pseudo == c for c in range(len(tags))]).astype(np.float32)
-        return cam_prompts(onehot, tags, threshold=0.5, rng=self.rng(name, round_), **self.prompt_args)
+        args = {**self.prompt_args, "min_distance": None}
+        return cam_prompts(onehot, tags, threshold=0.5, objects=self.objects, rng=self.rng(name, round_), **args)
 
     def sam_mask(self, sam: SegmentAnything, embedding: Embedding | None, cams: np.ndarray, tags, prompts: Prompts):
         """The fused pseudo-mask; no prompts (an empty CAM) -> the CAM-only mask (ignore where the CAM is unsure)."""
