@@ -3,8 +3,9 @@ re-encodes the image and decodes one prompt per call (what the original EP-SAM c
 images and prompts, in one process. Also the per-gland IoU when SAM is prompted with ground-truth gland boxes
 (evaluation only: it checks the coordinate mapping, nothing is tuned on it).
 
-Until the CAM classifier exists, the "CAM" is a coarse colour map: the smoothed haematoxylin density
-(glands are rims of dark nuclei) for "gland" and its complement for "non-gland"; only its prompts matter here.
+So that it runs without a trained classifier, the "CAM" is a coarse colour map: the smoothed haematoxylin density
+(glands are rims of dark nuclei) for "gland" and its complement for "non-gland"; only the number of prompts matters
+for the speed.
 
     python benchmarks/sam_batched_vs_naive.py --images 8
 """
