@@ -66,6 +66,12 @@ def test_slide_patch_matches_the_pixels(tmp_path):
     np.testing.assert_array_equal(out["mask"], labels[None, 10:42, 20:68])
     with pytest.raises(DataError, match="needs 'location' and 'size'"):
         LoadPatchd(backend="openslide")({"image": entry["image"], "level": 0})
+    # a slide patch's pseudo-mask is a PNG of just that patch (stage 2 writes one per slide patch)
+    Image.fromarray(labels[10:42, 20:68]).save(tmp_path / "pseudo.png")
+    out = LoadPatchd(keys=("image", "pseudo"), backend="openslide")({**entry, "pseudo": str(tmp_path / "pseudo.png")})
+    np.testing.assert_array_equal(out["pseudo"], labels[None, 10:42, 20:68])
+    with pytest.raises(DataError, match="mask for a slide patch of size"):
+        LoadPatchd(keys=("pseudo",), backend="openslide")({**entry, "size": [16, 16], "pseudo": str(tmp_path / "pseudo.png")})
 
 
 def test_hed_jitter_changes_stain_and_keeps_range():

@@ -37,8 +37,9 @@ class LoadPatchd(MapTransform):
     A tile entry (PNG/JPEG/TIFF image, no ``"level"``) is cropped at ``location`` (y, x) with ``size``
     (h, w), or read whole without them. A slide entry (with ``"level"``) is read through
     :class:`monai.data.WSIReader` (``backend`` cuCIM, OpenSlide fallback): ``location`` at level 0,
-    ``size`` at ``level``; its mask is a label TIFF read the same way. Keys in ``mask_keys`` are read as
-    class-index masks, the others as RGB.
+    ``size`` at ``level``; its mask is a label TIFF read the same way, or a PNG holding just that patch (the
+    pseudo-label stage writes one per slide patch). Keys in ``mask_keys`` are read as class-index masks, the
+    others as RGB.
     """
 
     def __init__(
@@ -58,7 +59,14 @@ class LoadPatchd(MapTransform):
         for key in self.key_iterator(d):
             path = os.fspath(d[key])
             is_mask = key in self.mask_keys
-            patch = self._slide(path, d) if "level" in d else self._tile(path, d, is_mask)
+            if "level" not in d:
+                patch = self._tile(path, d, is_mask)
+            elif is_mask and path.lower().endswith(".png"):
+                patch = self._tile(path, {}, is_mask)
+                if list(patch.shape[1:]) != list(d.get("size", [])):
+                    raise DataError(f"{path}: a {patch.shape[1]} x {patch.shape[2]} mask for a slide patch of size {d.get('size')}")
+            else:
+                patch = self._slide(path, d)
             d[key] = patch[:1] if is_mask else patch
         return d
 
