@@ -5,7 +5,7 @@ import json
 import pytest
 
 from scripts.errors import DataError
-from scripts.pipeline import eval_split, run_stages
+from scripts.pipeline import eval_split, report, run_stages
 
 
 @pytest.fixture
@@ -89,3 +89,12 @@ def test_skipped_stages_use_existing_outputs(stages):
     (root / "a.txt").unlink()
     with pytest.raises(DataError, match="a.txt do not exist"):
         run_stages(str(root), made, skip=["a"])
+
+
+def test_report_logs_absent_classes_as_not_available(tmp_path, caplog):
+    metrics = {"images": 2, "classes": ["a", "b"], "miou": 0.5, "mean_dice": 0.6, "dice": 0.667, "pixel_accuracy": 0.9,
+               "iou_a": 0.5, "iou_b": None}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    with caplog.at_level("INFO", logger="pathology_wsss"):
+        assert report(str(tmp_path)) == metrics
+    assert "mIoU 0.500" in caplog.text and "a 0.500, b n/a" in caplog.text

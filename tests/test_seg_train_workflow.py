@@ -62,7 +62,7 @@ def test_monai_label_keys_and_properties(trained, tmp_path):
                         ckpt_dir=str(tmp_path), log_dir=str(tmp_path), **TINY)
     wf.initialize()
     assert not wf.check_properties()
-    assert wf.parser.get_parsed_content("layer_weights") == [0.6, 0.2, 0.2]
+    assert wf.parser.get_parsed_content("layer_weights") == [0.6, 0.2, 0.2]  # MLPS: one weight per pseudo_layers mask
     train, held = wf.parser.get_parsed_content("train#dataset#data"), wf.parser.get_parsed_content("validate#dataset#data")
     assert held and not {e["image"] for e in train} & {e["image"] for e in held}  # held-back images never trained on
     batch = wf.parser.get_parsed_content("train#preprocessing")(train[0])

@@ -91,13 +91,18 @@ def eval_split(datalist: str) -> str:
     return "test" if test and all("mask" in e for e in test) else "validation"
 
 
+def _score(value) -> str:
+    """A score from metrics.json: NaN (a class absent from prediction and ground truth) is stored as null."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def report(eval_dir: str) -> dict:
     """Log the evaluation's headline scores and where its files are; returns ``metrics.json``."""
     eval_dir = Path(eval_dir)
     metrics = json.loads((eval_dir / "metrics.json").read_text())
-    per_class = ", ".join(f"{c} {metrics[f'iou_{c}']:.3f}" for c in metrics["classes"])
-    logger.info("evaluation on %d images: mIoU %.3f, Dice %.3f (OEEM-style %.3f), pixel accuracy %.3f; IoU per class: %s",
-                metrics["images"], metrics["miou"], metrics["mean_dice"], metrics["dice"], metrics["pixel_accuracy"], per_class)
+    per_class = ", ".join(f"{c} {_score(metrics[f'iou_{c}'])}" for c in metrics["classes"])
+    logger.info("evaluation on %d images: mIoU %s, Dice %s (OEEM-style %s), pixel accuracy %s; IoU per class: %s",
+                metrics["images"], *(_score(metrics[k]) for k in ("miou", "mean_dice", "dice", "pixel_accuracy")), per_class)
     logger.info("metrics: %s; per image: %s; overlays: %s", eval_dir / "metrics.json", eval_dir / "per_image.csv",
                 eval_dir / "overlays")
     return metrics
