@@ -19,7 +19,7 @@ from conftest import BUNDLE, ROOT, shared
 from scripts.annotations import read_geojson
 from scripts.errors import DataError
 from scripts.pyramid_tiff import write_pyramidal_tiff
-from scripts.slide_inference import SlideInference, choose_grid, find_inputs, open_input, shard
+from scripts.slide_inference import SlideInference, choose_grid, find_inputs, load_weights, open_input, shard
 from scripts.synthetic import make_slide_array
 
 torch.set_num_threads(1)
@@ -196,6 +196,20 @@ def test_bad_inputs(tmp_path):
     blocked.write_text("")
     with pytest.raises(DataError, match="a_file/out: the output folder cannot be written"):
         si([good], blocked / "out")
+
+
+def test_bad_checkpoints_name_the_file(tmp_path):
+    net = nn.Conv2d(3, 2, 1)
+    with pytest.raises(DataError, match="missing.pt: model checkpoint not found"):
+        load_weights(net, str(tmp_path / "missing.pt"), "cpu")
+    (tmp_path / "damaged.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match="damaged.pt: cannot read the segmentation model checkpoint"):
+        load_weights(net, str(tmp_path / "damaged.pt"), "cpu")
+    torch.save(nn.Conv2d(3, 5, 1).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(DataError, match="other.pt: not a checkpoint of this network"):
+        load_weights(net, str(tmp_path / "other.pt"), "cpu")
+    torch.save(nn.Conv2d(3, 2, 1).state_dict(), tmp_path / "good.pt")
+    assert load_weights(net, str(tmp_path / "good.pt"), "cpu") is net
 
 
 def test_glass_only_slide_gives_empty_outputs(tmp_path):

@@ -43,7 +43,8 @@ from .errors import DataError
 from .images import read_mask
 from .prompts import Prompts, cam_prompts
 from .pseudo_masks import IGNORE, cam_pseudo_mask, sam_pseudo_mask, save_pseudo_mask
-from .sam import Embedding, SegmentAnything, read_state
+from .checkpoints import read_state
+from .sam import Embedding, SegmentAnything
 from .transforms import LoadPatchd
 
 logger = logging.getLogger(__name__)

@@ -23,6 +23,7 @@ import yaml
 from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 
+from .checkpoints import read_state
 from .errors import DataError
 
 BACKENDS = ("litemedsam", "vit_b", "vit_l", "vit_h", "tiny")
@@ -210,19 +211,6 @@ def _check_file(path: Path, hash_type: str, hash_val: str, what: str) -> None:
             f"{path}: {hash_type} is {digest}, expected {hash_val} for the {what} checkpoint; "
             "the file is corrupt, truncated or another model"
         )
-
-
-def read_state(path: Path, what: str) -> dict:
-    """Read before building: a damaged file fails in a second, not after allocating ViT-H."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise DataError(f"{path}: {what} checkpoint not found") from None
-    except Exception as e:  # torch raises pickle, zip and runtime errors for damaged files
-        raise DataError(f"{path}: cannot read the {what} checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict):
-        raise DataError(f"{path}: a {what} checkpoint must be a state dict, got {type(state).__name__}")
-    return state
 
 
 def _medsam_lite():
