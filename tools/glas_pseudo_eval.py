@@ -39,14 +39,15 @@ from scripts.datalist import read_classes  # noqa: E402
 from scripts.images import read_mask, read_rgb  # noqa: E402
 from scripts.pseudo_label import Outputs, load_cams, pseudo_items  # noqa: E402
 from scripts.pseudo_masks import IGNORE  # noqa: E402
+from scripts.seg_metrics import scores  # noqa: E402
 
 COLOURS = np.array([[255, 255, 255], [0, 150, 60]], np.uint8)  # non-gland white, gland green; ignore grey
 PANEL = 220
 
 
 def miou(cm: np.ndarray) -> tuple[float, list[float]]:
-    iou = np.diag(cm) / np.maximum(cm.sum(0) + cm.sum(1) - np.diag(cm), 1)
-    return float(iou.mean()), [float(v) for v in iou]
+    result = scores(cm)
+    return result["miou"], result["iou"].tolist()
 
 
 def coloured(mask: np.ndarray) -> np.ndarray:
