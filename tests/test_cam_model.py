@@ -6,7 +6,7 @@ from ignite.engine import Engine
 from monai.visualize import GradCAM
 
 from scripts.cam import MultiLayerCAM, cams_to_mask, layer_outputs, white_background
-from scripts.cam_net import CAMNet, PDASchedule
+from scripts.cam_net import CAMNet, PDASchedule, load_cam_network
 from scripts.errors import DataError
 
 torch.set_num_threads(1)
@@ -176,3 +176,17 @@ def test_background_channel_and_masks(net):
     assert mask.dtype == torch.uint8 and torch.all(mask[..., :8] == 3)
     uncertain = cams_to_mask(torch.tensor([[[[0.2, 0.9]], [[0.1, 0.3]]]]), threshold=0.5)
     assert uncertain.tolist() == [[[255, 0]]]
+
+
+def test_bad_cam_checkpoints_name_the_file(tmp_path):
+    network = CAMNet(2, pretrained=False)
+    with pytest.raises(DataError, match=r"missing\.pt: CAM classifier .* not found"):
+        load_cam_network(network, tmp_path / "missing.pt")
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match=r"corrupt\.pt: cannot read the CAM classifier"):
+        load_cam_network(network, tmp_path / "corrupt.pt")
+    torch.save(CAMNet(5, pretrained=False).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(DataError, match=r"other\.pt: not a checkpoint of this CAM network"):
+        load_cam_network(network, tmp_path / "other.pt")
+    torch.save({"model": network.state_dict(), "optimizer": {}}, tmp_path / "cam_last.pt")
+    assert load_cam_network(CAMNet(2, pretrained=False), tmp_path / "cam_last.pt") is not None

@@ -63,6 +63,26 @@ def test_one_epoch_then_resume(datalist, tmp_path, adl, pda):
     resumed.finalize()
 
 
+def test_init_from_starts_a_new_run_from_trained_weights(datalist, tmp_path):
+    """Fine-tuning (e.g. at a larger input size): the weights come from ``init_from``, the epochs start again."""
+    torch.manual_seed(1)
+    start = workflow(datalist, tmp_path / "a").parser.get_parsed_content("network").state_dict()
+    torch.save(start, tmp_path / "start.pt")
+    wf = workflow(datalist, tmp_path / "b", init_from=str(tmp_path / "start.pt"), **{"train#trainer#max_epochs": 1})
+    for key, value in wf.parser.get_parsed_content("network").state_dict().items():
+        torch.testing.assert_close(value, start[key])
+    wf.run()
+    assert wf.parser.get_parsed_content("train#trainer").state.epoch == 1
+    wf.finalize()
+    missing = workflow(datalist, tmp_path / "c", init_from=str(tmp_path / "nowhere.pt"))
+    with pytest.raises(RuntimeError) as info:
+        missing.parser.get_parsed_content("network")
+    cause = info.value
+    while cause.__cause__ is not None and not isinstance(cause, DataError):
+        cause = cause.__cause__
+    assert isinstance(cause, DataError) and re.search(r"nowhere\.pt: CAM classifier .* not found", str(cause))
+
+
 @pytest.mark.parametrize("override, match", [
     ({"backbone": "resnet_9000"}, r"unknown backbone 'resnet_9000'; choose one of \['efficientnet_lite0'\]"),
     ({"classes": []}, "num_classes must be at least 1"),

@@ -56,3 +56,21 @@ def test_a_second_run_skips_finished_stages_and_force_reruns_from_a_stage(first_
     assert "stage classify: done before" in log
     assert all(f"stage {s}: finished" in log for s in ("pseudo_label", "segment", "evaluate"))
     assert (root / "models" / "model.pt").stat().st_mtime_ns != model
+
+
+def test_pipeline_settings_reach_their_stages(tmp_path):
+    """Every classifier, pseudo-label and segmentation setting of `run training` is handed to its stage's config."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(ConfigParser.load_config_file(BUNDLE / "configs" / "train.json"))
+    settings = {"cam_input_size": 96, "cam_epochs": 3, "cam_backbone": "efficientnet_lite0", "adl": True, "pda": False,
+                "cam_tta": "d4", "sam_backend": "tiny", "sam_classes": ["gland"], "refine_iterations": 2,
+                "max_epochs": 5, "layer_weights": [1.0], "batch_size": 3, "learning_rate": 0.01, "zoom": 0.5}
+    parser.update({"bundle_root": str(BUNDLE), "datalist": str(tmp_path / "datalist.json"), **settings})
+    classify, pseudo, segment = (parser.get_parsed_content(f"stages#{i}#overrides") for i in range(3))
+    assert {k: classify[k] for k in ("input_size", "max_epochs", "backbone", "adl", "pda")} == {
+        "input_size": 96, "max_epochs": 3, "backbone": "efficientnet_lite0", "adl": True, "pda": False}
+    assert {k: pseudo[k] for k in ("input_size", "tta", "sam_backend", "sam_classes", "refine_iterations")} == {
+        "input_size": 96, "tta": "d4", "sam_backend": "tiny", "sam_classes": ["gland"], "refine_iterations": 2}
+    assert {k: segment[k] for k in ("max_epochs", "layer_weights", "batch_size", "learning_rate", "zoom")} == {
+        "max_epochs": 5, "layer_weights": [1.0], "batch_size": 3, "learning_rate": 0.01, "zoom": 0.5}

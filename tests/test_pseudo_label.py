@@ -194,20 +194,6 @@ def test_datalist_is_not_written_before_the_masks(demo, tmp_path):
     assert not (tmp_path / "datalist_pseudo.json").exists()
 
 
-def test_bad_cam_checkpoints_name_the_file(tmp_path):
-    network = CAMNet(2, pretrained=False)
-    with pytest.raises(DataError, match=r"missing\.pt: CAM classifier .* not found"):
-        pl.load_cam_network(network, tmp_path / "missing.pt")
-    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(DataError, match=r"corrupt\.pt: cannot read the CAM classifier"):
-        pl.load_cam_network(network, tmp_path / "corrupt.pt")
-    torch.save(CAMNet(5, pretrained=False).state_dict(), tmp_path / "other.pt")
-    with pytest.raises(DataError, match=r"other\.pt: not a checkpoint of this CAM network"):
-        pl.load_cam_network(network, tmp_path / "other.pt")
-    torch.save({"model": network.state_dict(), "optimizer": {}}, tmp_path / "cam_last.pt")
-    assert pl.load_cam_network(CAMNet(2, pretrained=False), tmp_path / "cam_last.pt") is not None
-
-
 def test_sam_classes_pick_the_prompted_classes_in_both_passes(demo, tmp_path):
     rules = workflow(demo, tmp_path, sam_classes=["gland"]).parser.get_parsed_content("rules")
     assert rules.objects == [1]

@@ -35,7 +35,6 @@ from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from monai.data import load_decathlon_datalist
 from monai.losses import DiceLoss
-from torch import nn
 
 from .atomic import atomic_output
 from .datalist import SPLITS, read_classes, write_datalist
@@ -113,19 +112,6 @@ def object_classes(classes: Sequence[str], names: Sequence[str] | None) -> list[
     if unknown:
         raise DataError(f"sam_classes {unknown} are not among the datalist's classes {list(classes)}")
     return [list(classes).index(n) for n in names]
-
-
-def load_cam_network(network: nn.Module, checkpoint: str | os.PathLike, device="cpu") -> nn.Module:
-    """The trained CAM classifier in eval mode; accepts ``cam_best.pt`` (a state dict) or ``cam_last.pt``
-    (the trainer's dict with a ``model`` entry). A missing, damaged or mismatched file is a DataError naming it."""
-    path = Path(checkpoint)
-    state = read_state(path, "CAM classifier (train_cam.json)")
-    state = state.get("model", state)
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise DataError(f"{path}: not a checkpoint of this CAM network (check backbone and classes): {e}") from e
-    return network.to(device).eval()
 
 
 @dataclass
