@@ -62,3 +62,17 @@ def test_layer_count_must_match_the_weights():
         PseudoSupervisionLoss()(PRED, torch.zeros(1, 1, 1, 3, dtype=torch.long))
     with pytest.raises(DataError, match="non-empty list of values >= 0"):
         PseudoSupervisionLoss((0.5, -0.1))
+
+
+def test_easy_mining_weights_pixels_by_their_normalised_loss_per_class():
+    """OEEM: within a patch and pseudo-class the easiest pixel weighs 1, the hardest 0; a lone pixel keeps 1."""
+    pred = PRED.clone().requires_grad_()
+    target = torch.tensor([[[[0, 0, 1]]]])
+    loss = PseudoSupervisionLoss((1.0,), easy_mining=True)(pred, target)
+    easy, hard, lone = nll(PIXELS[0], 0), nll(PIXELS[1], 0), nll(PIXELS[2], 1)
+    assert easy < hard
+    assert loss.item() == pytest.approx((1 * easy + 0 * hard + 1 * lone) / 2)
+    loss.backward()
+    assert torch.all(pred.grad[..., 1] == 0)  # the hardest pixel of class 0 teaches nothing
+    torch.testing.assert_close(PseudoSupervisionLoss((1.0,), easy_mining=True)(PRED, torch.full_like(target, 255)),
+                               torch.tensor(0.0))  # nothing labelled: 0, not NaN
