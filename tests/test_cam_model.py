@@ -6,7 +6,8 @@ from ignite.engine import Engine
 from monai.visualize import GradCAM
 
 from scripts.cam import MultiLayerCAM, cams_to_mask, layer_outputs, white_background
-from scripts.cam_net import CAMNet, PDASchedule, load_cam_network
+from scripts.cam_net import CAMNet, PDASchedule
+from scripts.checkpoints import load_network
 from scripts.errors import DataError
 
 torch.set_num_threads(1)
@@ -181,12 +182,12 @@ def test_background_channel_and_masks(net):
 def test_bad_cam_checkpoints_name_the_file(tmp_path):
     network = CAMNet(2, pretrained=False)
     with pytest.raises(DataError, match=r"missing\.pt: CAM classifier .* not found"):
-        load_cam_network(network, tmp_path / "missing.pt")
+        load_network(network, tmp_path / "missing.pt", "CAM classifier")
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(DataError, match=r"corrupt\.pt: cannot read the CAM classifier"):
-        load_cam_network(network, tmp_path / "corrupt.pt")
+        load_network(network, tmp_path / "corrupt.pt", "CAM classifier")
     torch.save(CAMNet(5, pretrained=False).state_dict(), tmp_path / "other.pt")
-    with pytest.raises(DataError, match=r"other\.pt: not a checkpoint of this CAM network"):
-        load_cam_network(network, tmp_path / "other.pt")
+    with pytest.raises(DataError, match=r"other\.pt: not a CAM classifier checkpoint of this network"):
+        load_network(network, tmp_path / "other.pt", "CAM classifier")
     torch.save({"model": network.state_dict(), "optimizer": {}}, tmp_path / "cam_last.pt")
-    assert load_cam_network(CAMNet(2, pretrained=False), tmp_path / "cam_last.pt") is not None
+    assert load_network(CAMNet(2, pretrained=False), tmp_path / "cam_last.pt", "CAM classifier") is not None

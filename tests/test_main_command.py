@@ -67,10 +67,22 @@ def test_pipeline_settings_reach_their_stages(tmp_path):
                 "cam_tta": "d4", "sam_backend": "tiny", "sam_classes": ["gland"], "refine_iterations": 2,
                 "max_epochs": 5, "layer_weights": [1.0], "easy_mining": True, "batch_size": 3, "learning_rate": 0.01, "zoom": 0.5}
     parser.update({"bundle_root": str(BUNDLE), "datalist": str(tmp_path / "datalist.json"), **settings})
-    classify, pseudo, segment = (parser.get_parsed_content(f"stages#{i}#overrides") for i in range(3))
+    classify, pseudo, segment = (parser.get_parsed_content(f"stage#{name}#overrides") for name in ("classify", "pseudo_label", "segment"))
     assert {k: classify[k] for k in ("input_size", "max_epochs", "backbone", "adl", "pda")} == {
         "input_size": 96, "max_epochs": 3, "backbone": "efficientnet_lite0", "adl": True, "pda": False}
     assert {k: pseudo[k] for k in ("input_size", "tta", "sam_backend", "sam_classes", "refine_iterations")} == {
         "input_size": 96, "tta": "d4", "sam_backend": "tiny", "sam_classes": ["gland"], "refine_iterations": 2}
     assert {k: segment[k] for k in ("max_epochs", "layer_weights", "easy_mining", "batch_size", "learning_rate", "zoom")} == {
         "max_epochs": 5, "layer_weights": [1.0], "easy_mining": True, "batch_size": 3, "learning_rate": 0.01, "zoom": 0.5}
+
+
+def test_self_training_adds_a_second_round(tmp_path):
+    """--self_training True: the first segmentation network's predictions prompt SAM again (relabel) and a second
+    network trains on those masks (resegment); the first round's model stays in models/round1."""
+    log = run_training(tmp_path, "--self_training", "True")
+    for stage in ("classify", "pseudo_label", "segment", "relabel", "resegment", "evaluate"):
+        assert f"stage {stage}: finished" in log
+    assert (tmp_path / "models" / "round1" / "model.pt").is_file() and (tmp_path / "models" / "model.pt").is_file()
+    relabelled = json.loads((tmp_path / "pseudo" / "round2" / "datalist_pseudo.json").read_text())
+    assert all(len(e["pseudo_layers"]) == 1 for e in relabelled["training"])  # one layer: the segmentation maps
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["images"] == 2

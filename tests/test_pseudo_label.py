@@ -214,3 +214,18 @@ def test_sam_classes_pick_the_prompted_classes_in_both_passes(demo, tmp_path):
 
 def test_cam_cell_follows_the_scale_the_cam_reads_the_image_at():
     assert pl.cam_cell(16, 112, 112) == 16 and pl.cam_cell(16, 448, 224) == 32 and pl.cam_cell(32, None, 224) == 32
+
+
+def test_segmentation_maps_are_one_layer_of_class_probabilities_from_0_1_inputs():
+    seen = []
+
+    def network(x):
+        seen.append(float(x.max()))
+        return torch.stack([x[:, 0], 1 - x[:, 0]], 1) * 4  # class 0 where the red channel is bright
+
+    image = torch.zeros(1, 3, 40, 56)
+    image[:, 0, :, :20] = 255
+    maps = pl.SegmentationMaps(roi_size=16)(image, network)
+    assert maps.shape == (1, 1, 2, 40, 56) and max(seen) <= 1.0
+    torch.testing.assert_close(maps.sum(2), torch.ones(1, 1, 40, 56))
+    assert maps[0, 0, 0, :, :10].min() > 0.98 and maps[0, 0, 1, :, 30:].min() > 0.98  # softmax(4, 0)

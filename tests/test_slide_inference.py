@@ -206,7 +206,7 @@ def test_bad_checkpoints_name_the_file(tmp_path):
     with pytest.raises(DataError, match="damaged.pt: cannot read the segmentation model checkpoint"):
         load_weights(net, str(tmp_path / "damaged.pt"), "cpu")
     torch.save(nn.Conv2d(3, 5, 1).state_dict(), tmp_path / "other.pt")
-    with pytest.raises(DataError, match="other.pt: not a checkpoint of this network"):
+    with pytest.raises(DataError, match="other.pt: not a segmentation model checkpoint of this network"):
         load_weights(net, str(tmp_path / "other.pt"), "cpu")
     torch.save(nn.Conv2d(3, 2, 1).state_dict(), tmp_path / "good.pt")
     assert load_weights(net, str(tmp_path / "good.pt"), "cpu") is net

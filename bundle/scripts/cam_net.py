@@ -8,16 +8,13 @@ The logits are the spatial mean of a 1x1-convolution over stride-16 features, so
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
 from .backbones import create_backbone
-from .checkpoints import read_state
 from .errors import DataError
 
 
@@ -104,19 +101,6 @@ class CAMNet(nn.Module):
             peak = maps.detach().amax((2, 3), keepdim=True)
             maps = maps * ((maps.detach() <= self.pda_gamma * peak) | (peak <= 0))
         return maps.mean((2, 3))
-
-
-def load_cam_network(network: nn.Module, checkpoint: str | os.PathLike, device="cpu") -> nn.Module:
-    """The trained CAM classifier in eval mode (pseudo-labels; ``train_cam.json``'s ``init_from``); accepts ``cam_best.pt`` (a state dict) or ``cam_last.pt``
-    (the trainer's dict with a ``model`` entry). A missing, damaged or mismatched file is a DataError naming it."""
-    path = Path(checkpoint)
-    state = read_state(path, "CAM classifier (train_cam.json)")
-    state = state.get("model", state)
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise DataError(f"{path}: not a checkpoint of this CAM network (check backbone and classes): {e}") from e
-    return network.to(device).eval()
 
 
 class PDASchedule:

@@ -34,7 +34,9 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from monai.data import load_decathlon_datalist
+from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceLoss
+from torch import nn
 
 from .atomic import atomic_output
 from .datalist import SPLITS, read_classes, write_datalist
@@ -192,6 +194,19 @@ class Rules:
         masks = sam.predict(embedding, prompts.boxes, prompts.points, prompts.labels).probs > 0.5
         return sam_pseudo_mask(masks, prompts.classes, cams, tags, threshold, self.ids_threshold, self.disagreement,
                                self.confidence, prompts.boxes if self.box_rule else None)[0]
+
+
+class SegmentationMaps:
+    """Inferer for self-training (``relabel.json``): a trained segmentation network's class probabilities stand in for
+    the CAMs, as one layer (B, 1, C, H, W), so the next round's prompts come from its sharper, better separated regions.
+    Images are scaled to [0, 1] and read in ``roi_size`` windows with Gaussian blending, as the network was trained."""
+
+    def __init__(self, roi_size: int, sw_batch_size: int = 16, overlap: float = 0.5):
+        self.inferer = SlidingWindowInferer(roi_size, sw_batch_size, overlap=overlap, mode="gaussian")
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.softmax(self.inferer(inputs.float() / 255, network), 1)[:, None]
 
 
 def load_cams(path: Path) -> np.ndarray:

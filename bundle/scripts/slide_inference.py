@@ -39,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .atomic import atomic_output
-from .checkpoints import read_state
+from .checkpoints import load_network
 from .errors import DataError
 from .images import read_rgb
 from .pyramid_tiff import write_pyramidal_tiff
@@ -99,11 +99,7 @@ def load_weights(network: nn.Module, path, device) -> nn.Module:
     if not os.path.isfile(path):
         raise DataError(f"{path}: model checkpoint not found; train first, or pass --ckpt_path '$None' to run a randomly "
                         "initialised network (development only)")
-    try:
-        network.load_state_dict(read_state(path, "segmentation model"))
-    except RuntimeError as e:
-        raise DataError(f"{path}: not a checkpoint of this network (check classes and backbone): {e}") from e
-    return network
+    return load_network(network, path, "segmentation model", device)
 
 
 # ------------------------------------------------------------------------------------------ plain tiles
