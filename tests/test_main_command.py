@@ -76,13 +76,17 @@ def test_pipeline_settings_reach_their_stages(tmp_path):
         "max_epochs": 5, "layer_weights": [1.0], "easy_mining": True, "batch_size": 3, "learning_rate": 0.01, "zoom": 0.5}
 
 
-def test_self_training_adds_a_second_round(tmp_path):
-    """--self_training True: the first segmentation network's predictions prompt SAM again (relabel) and a second
-    network trains on those masks (resegment); the first round's model stays in models/round1."""
-    log = run_training(tmp_path, "--self_training", "True")
-    for stage in ("classify", "pseudo_label", "segment", "relabel", "resegment", "evaluate"):
+def test_self_training_adds_rounds(tmp_path):
+    """--self_training 2: twice, the last network's predictions prompt SAM again (relabel) and a fresh network trains on
+    those masks; the earlier rounds' models stay in models/round1, models/round2."""
+    log = run_training(tmp_path, "--self_training", "2")
+    stages = ("classify", "pseudo_label", "segment", "relabel_round2", "segment_round2", "relabel_round3", "segment_round3",
+              "evaluate")
+    for stage in stages:
         assert f"stage {stage}: finished" in log
-    assert (tmp_path / "models" / "round1" / "model.pt").is_file() and (tmp_path / "models" / "model.pt").is_file()
-    relabelled = json.loads((tmp_path / "pseudo" / "round2" / "datalist_pseudo.json").read_text())
+    assert [line.split("stage ")[1].split(":")[0] for line in log.splitlines() if ": finished in" in line] == list(stages)
+    for model in ("round1/model.pt", "round2/model.pt", "model.pt"):
+        assert (tmp_path / "models" / model).is_file()
+    relabelled = json.loads((tmp_path / "pseudo" / "round3" / "datalist_pseudo.json").read_text())
     assert all(len(e["pseudo_layers"]) == 1 for e in relabelled["training"])  # one layer: the segmentation maps
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["images"] == 2

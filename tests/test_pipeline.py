@@ -5,7 +5,7 @@ import json
 import pytest
 
 from scripts.errors import DataError
-from scripts.pipeline import eval_split, report, run_stages
+from scripts.pipeline import eval_split, report, run_stages, self_training_stages
 
 
 @pytest.fixture
@@ -98,3 +98,20 @@ def test_report_logs_absent_classes_as_not_available(tmp_path, caplog):
     with caplog.at_level("INFO", logger="pathology_wsss"):
         assert report(str(tmp_path)) == metrics
     assert "mIoU 0.500" in caplog.text and "a 0.500, b n/a" in caplog.text
+
+
+def test_self_training_stages_chain_the_rounds():
+    relabel, segment = {"datalist": "d.json"}, {"max_epochs": 3}
+    assert self_training_stages(0, "b", "m", "p", relabel, segment) == []
+    assert self_training_stages(False, "b", "m", "p", relabel, segment) == []
+    one = self_training_stages(True, "b", "m", "p", relabel, segment)
+    assert [s["name"] for s in one] == ["relabel_round2", "segment_round2"]
+    assert one[0]["overrides"] == {"datalist": "d.json", "seg_checkpoint": "m/round1/model.pt", "output_dir": "p/round2"}
+    assert one[1]["outputs"] == ["m/model.pt"] and one[1]["overrides"]["pseudo_datalist"] == "p/round2/datalist_pseudo.json"
+    two = self_training_stages(2, "b", "m", "p", relabel, segment)
+    assert [s["outputs"][0] for s in two] == ["p/round2/datalist_pseudo.json", "m/round2/model.pt",
+                                             "p/round3/datalist_pseudo.json", "m/model.pt"]
+    assert two[2]["overrides"]["seg_checkpoint"] == "m/round2/model.pt"
+    for bad in (-1, 1.5, "2"):
+        with pytest.raises(DataError, match="self_training must be a number of rounds"):
+            self_training_stages(bad, "b", "m", "p", relabel, segment)

@@ -84,6 +84,32 @@ def run_stages(
     return ran
 
 
+def self_training_stages(rounds: int, bundle_root: str, ckpt_dir: str, pseudo_dir: str, relabel: dict,
+                         segment: dict) -> list[dict]:
+    """The stages of ``rounds`` self-training rounds after the first segmentation (0 or False: none; True: one).
+
+    Round k (2 .. rounds + 1) relabels the training images with round k-1's network (``relabel.json``: its predictions
+    prompt SAM; masks in ``pseudo_dir/round<k>``) and trains a fresh network on those SAM masks, into
+    ``ckpt_dir/round<k>``; the last round's network is ``ckpt_dir/model.pt``, the first round's ``ckpt_dir/round1``.
+    ``relabel`` and ``segment`` are the overrides the rounds share.
+    """
+    if not isinstance(rounds, int) or rounds < 0:
+        raise DataError(f"self_training must be a number of rounds >= 0 (0: off), got {rounds!r}")
+    rounds, configs = int(rounds), Path(bundle_root) / "configs"
+    stages = []
+    for k in range(2, rounds + 2):
+        previous = f"{ckpt_dir}/round{k - 1}/model.pt"
+        masks = f"{pseudo_dir}/round{k}/datalist_pseudo.json"
+        ckpt = ckpt_dir if k == rounds + 1 else f"{ckpt_dir}/round{k}"
+        stages += [
+            {"name": f"relabel_round{k}", "config_file": [str(configs / "pseudo_label.json"), str(configs / "relabel.json")],
+             "outputs": [masks], "overrides": {**relabel, "seg_checkpoint": previous, "output_dir": str(Path(masks).parent)}},
+            {"name": f"segment_round{k}", "config_file": str(configs / "train.json"), "outputs": [f"{ckpt}/model.pt"],
+             "overrides": {**segment, "pseudo_datalist": masks, "ckpt_dir": ckpt, "layer_weights": [1.0]}},
+        ]
+    return stages
+
+
 def eval_split(datalist: str) -> str:
     """The split evaluation reports on: ``test`` when its entries carry masks, else ``validation`` (GlaS dev)."""
     data = json.loads(Path(datalist).read_text())
