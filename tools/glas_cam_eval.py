@@ -42,6 +42,7 @@ from monai.bundle import ConfigParser  # noqa: E402
 from monai.data import load_decathlon_datalist  # noqa: E402
 
 from scripts.cam import WholeImageCAM  # noqa: E402
+from scripts.checkpoints import load_network  # noqa: E402
 from scripts.images import read_mask, read_rgb  # noqa: E402
 from scripts.seg_metrics import confusion_matrix as confusion  # noqa: E402
 from scripts.seg_metrics import scores as cm_scores  # noqa: E402
@@ -102,9 +103,7 @@ def main() -> None:
     parser = ConfigParser(ConfigParser.load_config_file(args.config))
     parser.update({"bundle_root": str(ROOT / "bundle"), "datalist": args.datalist, "pretrained": False,
                    "input_size": args.input_size, "progress_bar": False, "num_workers": 1, "validate#handlers": []})
-    network = parser.get_parsed_content("network")
-    network.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
-    network.eval()
+    network = load_network(parser.get_parsed_content("network"), args.checkpoint, "CAM classifier")
     classes = parser.get_parsed_content("classes")
     gland = classes.index("gland")
     result = {"checkpoint": args.checkpoint, "input_size": args.input_size, "tta": args.tta, "window": args.window}
