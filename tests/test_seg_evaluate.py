@@ -16,6 +16,8 @@ from PIL import Image
 from conftest import BUNDLE, ROOT
 import scripts.seg_net  # noqa: F401  (registers efficientnet-lite0 in FlexibleUNet)
 from scripts.cam_net import CAMNet
+from scripts.seg_net import GatedSegmenter
+from scripts.tta import Averaged
 from seg_fixtures import demo_with_pseudo_masks, validation_pixels
 
 CONFIG = BUNDLE / "configs" / "evaluate.json"
@@ -65,7 +67,8 @@ def test_command_line_writes_metrics_csv_and_overlays(setup, tmp_path):
     assert "miou" in result.stderr + result.stdout  # printed by StatsHandler
 
 
-def evaluate(setup, out, **override):
+def evaluate(setup, out, check=None, **override):
+    """Run evaluate.json with ``override``s; ``check(workflow)`` sees the initialised workflow before the run."""
     datalist, root = setup
     wf = ConfigWorkflow(
         config_file=str(CONFIG), workflow_type=None, bundle_root=str(BUNDLE), datalist=datalist,
@@ -73,6 +76,8 @@ def evaluate(setup, out, **override):
         num_workers=0, progress_bar=False, roi_size=[32, 32], overlays=False, **override,
     )
     wf.initialize()
+    if check is not None:
+        check(wf)
     wf.run()
     wf.finalize()
     return json.loads((out / "metrics.json").read_text())
@@ -90,3 +95,13 @@ def test_gate_removes_the_classes_the_classifier_rejects(setup, tmp_path):
     assert gland_predicted(plain) > 0 and gland_predicted(gated) == 0
     # a threshold no class reaches leaves every window as it was (the gate never zeroes all classes)
     assert evaluate(setup, tmp_path / "none", gate=True, gate_threshold=1.1)["confusion_matrix"] == plain["confusion_matrix"]
+
+
+def test_tta_averages_flipped_views_of_every_image(setup, tmp_path):
+    def averages_four_views(wf):
+        network = wf.parser.get_parsed_content("evaluator").network
+        assert isinstance(network, Averaged) and len(network.transforms) == 4
+        assert isinstance(network.network, GatedSegmenter)  # probabilities are averaged, after the gate
+
+    metrics = evaluate(setup, tmp_path, check=averages_four_views, tta="flip")
+    assert sum(map(sum, metrics["confusion_matrix"])) == validation_pixels(setup[0])

@@ -254,7 +254,8 @@ def test_real_slides(tmp_path):
 
 
 def test_inference_config_through_monai_bundle(tmp_path):
-    """The run id `inference` on a folder (a slide and a tile), as users call it; and MONAI Label's keys on a tile."""
+    """The run id `inference` on a folder (a slide and a tile), as users call it (with flip TTA); and MONAI Label's keys
+    on a tile."""
     folder = tmp_path / "in"
     folder.mkdir()
     square_slide(folder / "square.tif")
@@ -263,7 +264,7 @@ def test_inference_config_through_monai_bundle(tmp_path):
         [sys.executable, "-m", "monai.bundle", "run", "inference", "--bundle_root", str(BUNDLE),
          "--config_file", str(BUNDLE / "configs" / "inference.json"), "--input_dir", str(folder),
          "--output_dir", str(tmp_path / "out"), "--ckpt_path", "$None", "--roi_size", "[64, 64]", "--tile_size", "128",
-         "--num_workers", "1", "--progress_bar", "False"],
+         "--num_workers", "1", "--progress_bar", "False", "--tta", "flip"],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "randomly initialised" in result.stdout + result.stderr

@@ -16,23 +16,8 @@ import torch.nn.functional as F
 from monai.inferers import SlidingWindowInferer
 from torch import nn
 
+from . import tta as augment
 from .errors import DataError
-
-# (k, flip): rotate by k x 90 degrees after an optional left-right flip; the dihedral group D4 in full
-TTA = {
-    "none": ((0, False),),
-    "flip": ((0, False), (0, True), (2, False), (2, True)),  # identity, left-right, 180 degrees, up-down
-    "d4": tuple((k, f) for f in (False, True) for k in range(4)),
-}
-
-
-def _apply(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
-    return torch.rot90(x.flip(-1) if flip else x, k, (-2, -1))
-
-
-def _invert(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
-    x = torch.rot90(x, -k, (-2, -1))
-    return x.flip(-1) if flip else x
 
 
 @contextlib.contextmanager
@@ -86,11 +71,9 @@ class MultiLayerCAM:
         cam_layer: str = "classifier",
         normalize: bool = True,
     ):
-        if tta not in TTA:
-            raise DataError(f"unknown tta {tta!r}; choose one of {sorted(TTA)}")
         if not layers:
             raise DataError("MultiLayerCAM needs at least one layer")
-        self.network, self.layers, self.transforms, self.cam_layer = network, tuple(layers), TTA[tta], cam_layer
+        self.network, self.layers, self.transforms, self.cam_layer = network, tuple(layers), augment.transforms(tta), cam_layer
         self.normalize = normalize
 
     def __call__(
@@ -107,13 +90,13 @@ class MultiLayerCAM:
         try:
             with torch.enable_grad(), layer_outputs(self.network, self.layers) as records:
                 for k, flip in self.transforms:
-                    x = _apply(images, k, flip).detach().requires_grad_(True)  # gradients even if weights are frozen
+                    x = augment.apply(images, k, flip).detach().requires_grad_(True)  # gradients even if weights are frozen
                     logits = self.network(x)
                     if labels is None:
                         labels = torch.sigmoid(logits.detach()) >= threshold
                     for layer, maps in self._maps(records, logits, labels).items():
                         maps = F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=False)
-                        sums[layer] = sums[layer] + _invert(maps, k, flip)
+                        sums[layer] = sums[layer] + augment.invert(maps, k, flip)
         finally:
             self.network.train(was_training)
         keep = labels.to(images.dtype)[:, :, None, None]
