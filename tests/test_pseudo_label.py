@@ -229,3 +229,12 @@ def test_segmentation_maps_are_one_layer_of_class_probabilities_from_0_1_inputs(
     assert maps.shape == (1, 1, 2, 40, 56) and max(seen) <= 1.0
     torch.testing.assert_close(maps.sum(2), torch.ones(1, 1, 40, 56))
     assert maps[0, 0, 0, :, :10].min() > 0.98 and maps[0, 0, 1, :, 30:].min() > 0.98  # softmax(4, 0)
+    # a network blind to the right half of each window: averaged over flips, the maps of a mirrored image are the
+    # mirrored maps (the window grid is symmetric here); without TTA they are not
+    half = lambda x: torch.cat([network(x)[..., :8], torch.zeros_like(network(x)[..., 8:])], -1)  # noqa: E731
+    image = torch.rand(1, 3, 40, 56) * 255
+    for tta, equivariant in (("none", False), ("flip", True)):
+        maps = pl.SegmentationMaps(16, tta=tta)
+        assert torch.allclose(maps(image.flip(-1), half), maps(image, half).flip(-1), atol=1e-5) == equivariant
+    with pytest.raises(DataError, match="unknown tta"):
+        pl.SegmentationMaps(16, tta="rot45")
