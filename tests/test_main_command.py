@@ -64,10 +64,12 @@ def test_pipeline_settings_reach_their_stages(tmp_path):
 
     parser = ConfigParser(ConfigParser.load_config_file(BUNDLE / "configs" / "train.json"))
     settings = {"cam_input_size": 96, "cam_epochs": 3, "cam_backbone": "efficientnet_lite0", "adl": True, "pda": False,
-                "cam_tta": "d4", "sam_backend": "tiny", "sam_classes": ["gland"], "refine_iterations": 2,
+                "cam_tta": "d4", "seg_tta": "flip", "sam_backend": "tiny", "sam_classes": ["gland"], "refine_iterations": 2,
                 "max_epochs": 5, "layer_weights": [1.0], "easy_mining": True, "batch_size": 3, "learning_rate": 0.01, "zoom": 0.5}
+    assert evaluate["tta"] == "flip" and pseudo["seg_tta"] == "flip"  # the network's TTA: evaluation and relabelling
     parser.update({"bundle_root": str(BUNDLE), "datalist": str(tmp_path / "datalist.json"), **settings})
-    classify, pseudo, segment = (parser.get_parsed_content(f"stage#{name}#overrides") for name in ("classify", "pseudo_label", "segment"))
+    classify, pseudo, segment, evaluate = (parser.get_parsed_content(f"stage#{name}#overrides")
+                                           for name in ("classify", "pseudo_label", "segment", "evaluate"))
     assert {k: classify[k] for k in ("input_size", "max_epochs", "backbone", "adl", "pda")} == {
         "input_size": 96, "max_epochs": 3, "backbone": "efficientnet_lite0", "adl": True, "pda": False}
     assert {k: pseudo[k] for k in ("input_size", "tta", "sam_backend", "sam_classes", "refine_iterations")} == {
