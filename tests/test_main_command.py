@@ -66,7 +66,7 @@ def test_pipeline_settings_reach_their_stages(tmp_path):
     settings = {"cam_input_size": 96, "cam_epochs": 3, "cam_backbone": "efficientnet_lite0", "adl": True, "pda": False,
                 "cam_tta": "d4", "seg_tta": "flip", "sam_backend": "tiny", "sam_classes": ["gland"], "refine_iterations": 2,
                 "max_epochs": 5, "layer_weights": [1.0], "easy_mining": True, "batch_size": 3, "learning_rate": 0.01, "zoom": 0.5}
-    assert evaluate["tta"] == "flip" and pseudo["seg_tta"] == "flip"  # the network's TTA: evaluation and relabelling
+    (tmp_path / "datalist.json").write_text("{}")  # evaluation reads which split has masks
     parser.update({"bundle_root": str(BUNDLE), "datalist": str(tmp_path / "datalist.json"), **settings})
     classify, pseudo, segment, evaluate = (parser.get_parsed_content(f"stage#{name}#overrides")
                                            for name in ("classify", "pseudo_label", "segment", "evaluate"))
@@ -76,6 +76,7 @@ def test_pipeline_settings_reach_their_stages(tmp_path):
         "input_size": 96, "tta": "d4", "sam_backend": "tiny", "sam_classes": ["gland"], "refine_iterations": 2}
     assert {k: segment[k] for k in ("max_epochs", "layer_weights", "easy_mining", "batch_size", "learning_rate", "zoom")} == {
         "max_epochs": 5, "layer_weights": [1.0], "easy_mining": True, "batch_size": 3, "learning_rate": 0.01, "zoom": 0.5}
+    assert evaluate["tta"] == "flip" and pseudo["seg_tta"] == "flip"  # the network's TTA: evaluation and relabelling
 
 
 def test_self_training_adds_rounds(tmp_path):
