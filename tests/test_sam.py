@@ -8,6 +8,7 @@ from skimage.measure import regionprops
 
 from scripts.errors import DataError
 from scripts.images import read_mask, read_rgb
+from scripts.prompts import cam_prompts
 from scripts.sam import Frame, from_sam, load_sam, official_checkpoint, to_sam
 
 from conftest import shared
@@ -91,6 +92,17 @@ def test_batched_decoding_equals_one_prompt_at_a_time(tiny):
         one = tiny.predict(tiny.embed(image), boxes[i : i + 1], points[i : i + 1], labels[i : i + 1])
         np.testing.assert_allclose(one.probs[0], batched.probs[i], atol=1e-5)
         np.testing.assert_allclose(one.iou[0], batched.iou[i], atol=1e-5)
+
+
+def test_box_only_prompts_decode_as_boxes_alone(tiny):
+    """The shipped default (LiteMedSAM was trained on boxes): prompts with no points, (N, 0, 2), are boxes alone."""
+    cam = np.zeros((2, 50, 120), np.float32)
+    cam[1, 10:30, 20:60], cam[1, 35:48, 80:110] = 1, 0.8
+    prompts = cam_prompts(cam, [1, 1], n_positive=0, n_negative=0, min_area=4, objects=[1])
+    assert len(prompts) == 2 and prompts.points.shape == (2, 0, 2) and prompts.labels.shape == (2, 0)
+    emb = tiny.embed(np.random.default_rng(2).integers(0, 255, (50, 120, 3), dtype=np.uint8))
+    np.testing.assert_array_equal(tiny.predict(emb, prompts.boxes, prompts.points, prompts.labels).probs,
+                                  tiny.predict(emb, prompts.boxes).probs)
 
 
 def test_points_only_multimask_and_no_prompts(tiny):
