@@ -61,24 +61,25 @@ def main() -> None:
     masks = {e["image"]: e["mask"] for e in load_decathlon_datalist(args.datalist, False, "training")}
     items = pseudo_items(args.datalist)
     cams = {item["name"]: load_cams(out.cam(item["name"])) for item in items}
+    truth = {item["name"]: read_mask(masks[item["image"]]) for item in items}
+    argmax = {item["name"]: np.where(np.asarray(item["label"], bool)[:, None, None], cams[item["name"]], -np.inf).argmax(0)
+              for item in items}
+    cam_miou = miou(sum(confusion(argmax[name], truth[name], n) for name in cams))[0]
 
     results = []
     for variant in json.loads(args.variants):
         parser = ConfigParser(ConfigParser.load_config_file(args.config))
         parser.update({**base, **variant})
         rules = parser.get_parsed_content("rules")
-        cm, cm_cam, n_prompts = np.zeros((n, n), np.int64), np.zeros((n, n), np.int64), 0
+        cm, n_prompts = np.zeros((n, n), np.int64), 0
         for item in items:
             name, tags = item["name"], np.asarray(item["label"], bool)
-            gt, cam = read_mask(masks[item["image"]]), cams[name]
-            argmax = np.where(tags[:, None, None], cam, -np.inf).argmax(0)
-            prompts = rules.prompts(name, cam, tags)
+            prompts = rules.prompts(name, cams[name], tags)
             n_prompts += len(prompts)
-            pred = rules.sam_mask(sam, embeddings(item) if len(prompts) else None, cam, tags, prompts)
-            cm += confusion(np.where(pred != IGNORE, pred, argmax), gt, n)
-            cm_cam += confusion(argmax, gt, n)
+            pred = rules.sam_mask(sam, embeddings(item) if len(prompts) else None, cams[name], tags, prompts)
+            cm += confusion(np.where(pred != IGNORE, pred, argmax[name]), truth[name], n)
         score, per_class = miou(cm)
-        row = {"variant": variant, "miou": score, "iou": per_class, "cam_miou": miou(cm_cam)[0],
+        row = {"variant": variant, "miou": score, "iou": per_class, "cam_miou": cam_miou,
                "prompts_per_image": n_prompts / len(items)}
         results.append(row)
         print(json.dumps(row), flush=True)
