@@ -64,8 +64,9 @@ def test_pipeline_settings_reach_their_stages(tmp_path):
 
     parser = ConfigParser(ConfigParser.load_config_file(BUNDLE / "configs" / "train.json"))
     settings = {"cam_input_size": 96, "cam_epochs": 3, "cam_backbone": "efficientnet_lite0", "adl": True, "pda": False,
-                "pda_warmup_epochs": 1, "cam_tta": "d4", "seg_tta": "flip", "sam_backend": "tiny", "sam_classes": ["gland"], "refine_iterations": 2,
-                "refine_epochs": 1, "max_epochs": 5, "layer_weights": [1.0], "easy_mining": True, "batch_size": 3, "learning_rate": 0.01, "zoom": 0.5}
+                "pda_warmup_epochs": 1, "cam_tta": "d4", "seg_tta": "flip", "sam_backend": "tiny", "sam_classes": ["gland"],
+                "refine_iterations": 2, "refine_epochs": 1, "max_epochs": 5, "layer_weights": [1.0], "easy_mining": True,
+                "batch_size": 3, "learning_rate": 0.01, "zoom": 0.5}
     (tmp_path / "datalist.json").write_text("{}")  # evaluation reads which split has masks
     parser.update({"bundle_root": str(BUNDLE), "datalist": str(tmp_path / "datalist.json"), **settings})
     classify, pseudo, segment, evaluate = (parser.get_parsed_content(f"stage#{name}#overrides")

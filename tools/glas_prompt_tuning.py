@@ -14,7 +14,7 @@ variant costs one SAM decode per image instead of a whole pseudo-label run; each
 
 Each variant is a JSON object of ``pseudo_label.json`` overrides (``prompts#margin`` style keys reach nested ones),
 applied on top of ``--set``. Ground truth is read only to score (OEEM mIoU, ignore pixels take the CAM arg-max, as in
-``glas_pseudo_eval.py``); run it on dev, never on the training images whose pseudo-masks are being made.
+``glas_pseudo_eval.py``); choose on dev. On the training images its scores are a report, never a reason to choose.
 """
 
 from __future__ import annotations
