@@ -13,7 +13,8 @@ variant costs one SAM decode per image instead of a whole pseudo-label run; each
         --set '{"sam_classes": ["gland"], "input_size": 112}' --variants '[{}, {"ids_threshold": 0.5}]'
 
 Each variant is a JSON object of ``pseudo_label.json`` overrides (``prompts#margin`` style keys reach nested ones),
-applied on top of ``--set``. Ground truth is read only to score (OEEM mIoU, ignore pixels take the CAM arg-max, as in
+applied on top of ``--set``; only ``rules`` is rebuilt per variant (SAM and its cached embeddings come from ``--set``,
+so a SAM setting belongs there). Ground truth is read only to score (OEEM mIoU, ignore pixels take the CAM arg-max, as in
 ``glas_pseudo_eval.py``); choose on dev. On the training images its scores are a report, never a reason to choose.
 """
 
