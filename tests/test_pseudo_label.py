@@ -238,3 +238,49 @@ def test_segmentation_maps_are_one_layer_of_class_probabilities_from_0_1_inputs(
         assert torch.allclose(maps(image.flip(-1), half), maps(image, half).flip(-1), atol=1e-5) == equivariant
     with pytest.raises(DataError, match="unknown tta"):
         pl.SegmentationMaps(16, tta="rot45")
+
+
+class _ObjectSAM:
+    """A stand-in SAM that outlines the object in a box when the box holds one, and the whole box (the tissue) when
+    it holds several: what LiteMedSAM does with a box around glands the CAM merged."""
+
+    def __init__(self, objects: np.ndarray):
+        self.objects = objects  # (H, W) int labels, 0 background
+        self.calls = 0
+
+    def predict(self, embedding, boxes, points, labels):
+        self.calls += 1
+        probs = np.zeros((len(boxes), *self.objects.shape), np.float32)
+        for i, (y0, x0, y1, x1) in enumerate(np.round(boxes).astype(int)):
+            inside = np.unique(self.objects[y0 : y1 + 1, x0 : x1 + 1])
+            inside = inside[inside > 0]
+            if len(inside) == 1:
+                probs[i] = self.objects == inside[0]
+            else:
+                probs[i, y0 : y1 + 1, x0 : x1 + 1] = 1
+        return type("Masks", (), {"probs": probs})
+
+
+def test_a_rejected_box_is_split_at_the_next_cam_level_and_its_parts_prompted_alone():
+    yy, xx = np.mgrid[:48, :64]
+    objects, blob = np.zeros((48, 64), np.int64), np.zeros((48, 64), np.float32)
+    for i, x in enumerate((16, 46), 1):
+        objects[(yy - 24) ** 2 + (xx - x) ** 2 < 81] = i
+        blob[(yy - 24) ** 2 + (xx - x) ** 2 < 100] = 0.9  # the CAM: a little wider than the gland
+    bridge = (abs(yy - 24) <= 1) & (xx > 16) & (xx < 46) & (blob == 0)
+    blob[bridge] = 0.4  # the coarse CAM joins the two glands
+    cams, tags = np.stack([np.full_like(blob, 0.25), blob]), np.array([True, True])
+    merged = pl.Rules(prompt_args={"min_area": 4, "margin": 2}, objects=[1])
+    prompts = merged.prompts("x", cams, tags)
+    assert len(prompts) == 1  # one box over both glands
+    sam = _ObjectSAM(objects)
+    np.testing.assert_array_equal(merged.sam_mask(sam, None, "x", cams, tags, prompts), cams.argmax(0))  # rejected
+    split = pl.Rules(prompt_args={"min_area": 4, "margin": 2}, objects=[1], split_thresholds=[0.5, 0.8])
+    sam.calls = 0
+    out = split.sam_mask(sam, None, "x", cams, tags, prompts)
+    assert (out[objects > 0] == 1).all()  # each gland outlined from its own box
+    assert (out[(blob == 0.9) & (objects == 0)] == 0).all()  # SAM's boundary, not the CAM's, inside those boxes
+    assert (out[bridge & (xx > 28) & (xx < 34)] == 1).all()  # outside every kept box the CAM still decides
+    assert sam.calls == 2  # both parts kept at 0.5: the 0.8 level is not needed
+    with pytest.raises(DataError, match="split_thresholds must increase"):
+        pl.Rules(split_thresholds=[0.8, 0.5])
