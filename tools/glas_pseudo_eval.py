@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "bundle" / "configs" / "pseudo_label.json"))
     ap.add_argument("--set", default="{}", help="JSON of the run's config overrides that change the prompts")
     ap.add_argument("--report", default=None, help="default: OUTPUT_DIR/glas_pseudo_eval.json")
-    ap.add_argument("--figure", default=str(ROOT / "bundle" / "docs" / "pseudo_labels_glas.png"))
+    ap.add_argument("--figure", default=None, help="where to save the figure (none without it)")
     ap.add_argument("--figure_images", type=int, default=4, help="the first N training images")
     args = ap.parse_args()
 
@@ -119,7 +119,7 @@ def main() -> None:
             labelled[m] += confusion(pred[known], gt[known], n)
         prompts = rules.prompts(name, cams, tags)
         n_prompts += len(prompts)
-        if i < args.figure_images:
+        if args.figure and i < args.figure_images:
             rgb = read_rgb(item["image"])
             rows.append(row([rgb, blend(rgb, heat(cams[gland])), prompts_panel(rgb, prompts),
                              *(blend(rgb, coloured(preds[m]), 0.6) for m in ("cam", "sam_iter0", f"sam_iter{rounds}")),
@@ -137,15 +137,17 @@ def main() -> None:
     path = Path(args.report or Path(args.output_dir) / "glas_pseudo_eval.json")
     path.write_text(json.dumps(report, indent=1))
 
-    titles = ["image", "CAM (gland)", "prompts", "(a) CAM arg-max", "(b) LiteMedSAM", f"(c) round {rounds}", "ground truth"]
-    header = np.full((22, rows[0].shape[1], 3), 255, np.uint8)
-    figure = Image.fromarray(np.concatenate([header, *rows], 0))
-    draw = ImageDraw.Draw(figure)
-    for j, title in enumerate(titles):
-        draw.text((j * PANEL + 6, 5), title, fill=(0, 0, 0))
-    figure.save(args.figure)
-    print(f"wrote {path} and {args.figure}")
-
+    print(f"wrote {path}")
+    if args.figure:
+        titles = ["image", "CAM (gland)", "prompts", "(a) CAM arg-max", "(b) LiteMedSAM", f"(c) round {rounds}",
+                  "ground truth"]
+        header = np.full((22, rows[0].shape[1], 3), 255, np.uint8)
+        figure = Image.fromarray(np.concatenate([header, *rows], 0))
+        draw = ImageDraw.Draw(figure)
+        for j, title in enumerate(titles):
+            draw.text((j * PANEL + 6, 5), title, fill=(0, 0, 0))
+        figure.save(args.figure)
+        print(f"wrote {args.figure}")
 
 if __name__ == "__main__":
     main()
