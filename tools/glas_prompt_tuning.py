@@ -77,7 +77,7 @@ def main() -> None:
             name, tags = item["name"], np.asarray(item["label"], bool)
             prompts = rules.prompts(name, cams[name], tags)
             n_prompts += len(prompts)
-            pred = rules.sam_mask(sam, embeddings(item) if len(prompts) else None, name, cams[name], tags, prompts)
+            pred = rules.sam_mask(sam, embeddings(item) if len(prompts) else None, cams[name], tags, prompts)
             cm += confusion(np.where(pred != IGNORE, pred, argmax[name]), truth[name], n)
         score, per_class = miou(cm)
         row = {"variant": variant, "miou": score, "iou": per_class, "cam_miou": cam_miou,

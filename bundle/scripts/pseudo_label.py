@@ -44,7 +44,7 @@ from .datalist import SPLITS, read_classes, write_datalist
 from .errors import DataError
 from .images import read_mask
 from .prompts import Prompts, cam_prompts
-from .pseudo_masks import IGNORE, cam_pseudo_mask, fuse, ids_filter, save_pseudo_mask
+from .pseudo_masks import IGNORE, cam_pseudo_mask, sam_pseudo_mask, save_pseudo_mask
 from .checkpoints import read_state
 from .sam import Embedding, SegmentAnything
 from .transforms import LoadPatchd
@@ -160,7 +160,6 @@ class Rules:
     confidence: float = 0.0  # uncovered pixels: the CAM's class where its CAM reaches this (and is > 0), else ignore
     disagreement: float = 0.5
     box_rule: bool = True  # inside a kept mask's prompt box SAM draws the boundary (see scripts.pseudo_masks.fuse)
-    split_thresholds: Sequence[float] = ()  # CAM levels a rejected box's region is split at (see sam_mask)
     prompt_args: dict = field(default_factory=dict)  # of scripts.prompts.cam_prompts: margin, min_distance, ...
     objects: Sequence[int] | None = None
     seed: int = 0
@@ -188,40 +187,14 @@ class Rules:
         args = {**self.prompt_args, "min_distance": None}
         return cam_prompts(onehot, tags, threshold=0.5, objects=self.objects, rng=self.rng(name, round_), **args)
 
-    def __post_init__(self):
-        levels = list(self.split_thresholds)
-        if any(not 0 < t <= 1 for t in levels) or levels != sorted(set(levels)):
-            raise DataError(f"split_thresholds must increase within (0, 1], got {levels}")
-
-    def sam_mask(self, sam: SegmentAnything, embedding: Embedding | None, name: str, cams: np.ndarray, tags,
-                 prompts: Prompts) -> np.ndarray:
-        """The fused pseudo-mask of ``prompts`` (from :meth:`prompts`); none (an empty CAM) -> the CAM-only mask.
-
-        A mask the IDS filter rejects mostly comes from a box around several objects the coarse CAM merged (SAM
-        outlines one of them, or the tissue). With ``split_thresholds``, the class's CAM region inside the rejected
-        boxes is thresholded again at the next level, where merged objects come apart at the CAM's dips, and each
-        part is prompted alone; its mask faces the same filter against the class's whole region.
-        """
+    def sam_mask(self, sam: SegmentAnything, embedding: Embedding | None, cams: np.ndarray, tags, prompts: Prompts):
+        """The fused pseudo-mask; no prompts (an empty CAM) -> the CAM-only mask (ignore where the CAM is unsure)."""
         cams, threshold = self.regions(cams, tags)
         if not len(prompts):
             return cam_pseudo_mask(cams, tags, self.confidence)
-        regions, tags = cams >= threshold, np.asarray(tags, bool)
-        kept = []
-        for level in (*self.split_thresholds, None):
-            masks = sam.predict(embedding, prompts.boxes, prompts.points, prompts.labels).probs > 0.5
-            keep = ids_filter(masks, prompts.classes, regions, tags, self.ids_threshold)
-            kept.append((masks[keep], prompts.classes[keep], prompts.boxes[keep]))
-            if level is None or keep.all():
-                break
-            rejected = np.zeros_like(regions)
-            for (y0, x0, y1, x1), c in zip(np.round(prompts.boxes[~keep]).astype(np.int64), prompts.classes[~keep]):
-                rejected[c, y0 : y1 + 1, x0 : x1 + 1] = True
-            prompts = cam_prompts(np.where(rejected & regions, cams, 0.0), tags, threshold=level, objects=self.objects,
-                                  rng=self.rng(name, round(level * 1000)), **self.prompt_args)
-            if not len(prompts):
-                break
-        masks, classes, boxes = (np.concatenate(parts) for parts in zip(*kept))
-        return fuse(masks, classes, cams, tags, self.disagreement, self.confidence, boxes if self.box_rule else None)
+        masks = sam.predict(embedding, prompts.boxes, prompts.points, prompts.labels).probs > 0.5
+        return sam_pseudo_mask(masks, prompts.classes, cams, tags, threshold, self.ids_threshold, self.disagreement,
+                               self.confidence, prompts.boxes if self.box_rule else None)[0]
 
 
 class SegmentationMaps:
@@ -308,7 +281,7 @@ class PseudoLabelHandler:
         cams = stored.astype(np.float32) / 255
         prompts = self.rules.prompts(name, cams, tags)
         embedding = self.embeddings({"name": name}, image) if len(prompts) else None
-        save_pseudo_mask(self.out.sam(name, 0), self.rules.sam_mask(self.sam, embedding, name, cams, tags, prompts))
+        save_pseudo_mask(self.out.sam(name, 0), self.rules.sam_mask(self.sam, embedding, cams, tags, prompts))
 
 
 def _as_is(item):
@@ -409,7 +382,7 @@ class DecoderRefinement:
             cams = load_cams(self.out.cam(name))
             prompts = self.rules.prompts(name, cams, tags)
             embedding = self.embeddings(item) if len(prompts) else None
-            save_pseudo_mask(self.out.sam(name, k), self.rules.sam_mask(self.sam, embedding, name, cams, tags, prompts))
+            save_pseudo_mask(self.out.sam(name, k), self.rules.sam_mask(self.sam, embedding, cams, tags, prompts))
         logger.info(f"refinement round {k}: wrote {len(todo)} pseudo-masks to {self.out.sam('', k).parent}")
 
 

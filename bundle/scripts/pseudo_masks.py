@@ -52,13 +52,6 @@ def inside_degree(masks: np.ndarray, regions: np.ndarray) -> np.ndarray:
     return np.divide(inside, area, out=np.zeros(len(masks)), where=area > 0)
 
 
-def ids_filter(masks: np.ndarray, classes, regions: np.ndarray, tags, ids_threshold: float = 0.9) -> np.ndarray:
-    """Which SAM masks EP-SAM keeps: IDS >= ``ids_threshold`` against their class's region in ``regions`` (C, H, W),
-    and a tagged class."""
-    classes = np.asarray(classes, np.int64)
-    return (inside_degree(masks, regions[classes]) >= ids_threshold) & np.asarray(tags, bool)[classes]
-
-
 def fuse(masks: np.ndarray, classes, cams, tags, disagreement: float = 0.5, confidence: float = 0.5,
          boxes=None) -> np.ndarray:
     """Kept SAM masks -> one class map.
@@ -121,7 +114,7 @@ def sam_pseudo_mask(
     """
     cams, tags = _tagged_cams(cams, tags)
     masks, classes = np.asarray(masks, bool), np.asarray(classes, np.int64)
-    keep = ids_filter(masks, classes, cams >= cam_threshold, tags, ids_threshold)
+    keep = (inside_degree(masks, cams[classes] >= cam_threshold) >= ids_threshold) & tags[classes]
     kept_boxes = None if boxes is None else np.asarray(boxes)[keep]
     return fuse(masks[keep], classes[keep], cams, tags, disagreement, confidence, kept_boxes), keep
 
