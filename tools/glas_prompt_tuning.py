@@ -14,7 +14,9 @@ variant costs one SAM decode per image instead of a whole pseudo-label run; each
 
 Each variant is a JSON object of ``pseudo_label.json`` overrides (``prompts#margin`` style keys reach nested ones),
 applied on top of ``--set``; only ``rules`` is rebuilt per variant (SAM and its cached embeddings come from ``--set``,
-so a SAM setting belongs there). Ground truth is read only to score (OEEM mIoU, ignore pixels take the CAM arg-max, as in
+so a SAM setting belongs there). For a self-training round the maps are a segmentation network's: make them with
+``--config_file "['bundle/configs/pseudo_label.json','bundle/configs/relabel.json']" --seg_checkpoint MODEL.pt`` and
+pass both files to ``--config``. Ground truth is read only to score (OEEM mIoU, ignore pixels take the CAM arg-max, as in
 ``glas_pseudo_eval.py``); choose on dev. On the training images its scores are a report, never a reason to choose.
 """
 
@@ -46,7 +48,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datalist", required=True, help="its training split: the images the CAMs were made for (dev)")
     ap.add_argument("--output_dir", required=True, help="the pseudo-label run's output_dir (its cams/ are read)")
-    ap.add_argument("--config", default=str(ROOT / "bundle" / "configs" / "pseudo_label.json"))
+    ap.add_argument("--config", nargs="+", default=[str(ROOT / "bundle" / "configs" / "pseudo_label.json")],
+                    help="the run's config file(s), e.g. pseudo_label.json relabel.json for a self-training round")
     ap.add_argument("--set", default="{}", help="JSON of the run's config overrides")
     ap.add_argument("--variants", default="[{}]", help="JSON list of override objects, one per variant")
     ap.add_argument("--report", default=None, help="default: OUTPUT_DIR/glas_prompt_tuning.json")
@@ -54,7 +57,7 @@ def main() -> None:
 
     base = {"bundle_root": str(ROOT / "bundle"), "datalist": args.datalist, "output_dir": args.output_dir,
             **json.loads(args.set)}
-    parser = ConfigParser(ConfigParser.load_config_file(args.config))
+    parser = ConfigParser(ConfigParser.load_config_files(args.config))
     parser.update(base)
     sam, embeddings = parser.get_parsed_content("sam"), parser.get_parsed_content("embeddings")
     classes = read_classes(args.datalist)
@@ -69,7 +72,7 @@ def main() -> None:
 
     results = []
     for variant in json.loads(args.variants):
-        parser = ConfigParser(ConfigParser.load_config_file(args.config))
+        parser = ConfigParser(ConfigParser.load_config_files(args.config))
         parser.update({**base, **variant})
         rules = parser.get_parsed_content("rules")
         cm, n_prompts = np.zeros((n, n), np.int64), 0
