@@ -21,6 +21,7 @@ def run_training(root, *extra):
             "--config_file", str(BUNDLE / "configs" / "train.json"), "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
             "--demo_dir", str(root / "demo"), "--datalist", SMALL, "--ckpt_dir", str(root / "models"),
             "--pseudo_dir", str(root / "pseudo"), "--eval_dir", str(root / "eval"), "--log_dir", str(root / "logs"),
+            "--stages_dir", str(root / "stages"),
             *[a for k, v in TINY.items() for a in (f"--{k}", str(v))], *extra]
     result = subprocess.run(args, capture_output=True, text=True, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
@@ -44,6 +45,8 @@ def test_every_stage_runs_and_reports(first_run):
     assert metrics["images"] == 2 and 0 <= metrics["miou"] <= 1  # the demo's test split
     assert "evaluation on 2 images: mIoU" in log and str(root / "eval" / "overlays") in log
     assert not (root / "cufile.log").exists()
+    assert (root / "stages" / "segment.json").is_file()  # records live with the run, not in the bundle
+    assert not any(str(root) in p.read_text() for p in (BUNDLE / "stages").glob("*.json"))
 
 
 def test_a_second_run_skips_finished_stages_and_force_reruns_from_a_stage(first_run):

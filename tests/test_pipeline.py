@@ -32,17 +32,17 @@ def runs(root):
 
 def test_finished_stages_are_skipped(stages):
     root, made = stages
-    assert run_stages(str(root), made) == ["a", "b", "c"]
-    assert run_stages(str(root), made) == []
+    assert run_stages(str(root / "stages"), made) == ["a", "b", "c"]
+    assert run_stages(str(root / "stages"), made) == []
     assert runs(root) == {"a": 1, "b": 1, "c": 1}
     assert json.loads((root / "stages" / "b.json").read_text())["outputs"] == made[1]["outputs"]
 
 
 def test_forcing_a_stage_reruns_it_and_every_later_stage(stages):
     root, made = stages
-    run_stages(str(root), made)
-    assert run_stages(str(root), made, force=["b"]) == ["b", "c"]
-    assert run_stages(str(root), made, force=True) == ["a", "b", "c"]
+    run_stages(str(root / "stages"), made)
+    assert run_stages(str(root / "stages"), made, force=["b"]) == ["b", "c"]
+    assert run_stages(str(root / "stages"), made, force=True) == ["a", "b", "c"]
     assert runs(root) == {"a": 2, "b": 3, "c": 3}
 
 
@@ -50,26 +50,26 @@ def test_an_interrupted_stage_runs_again_although_its_output_exists(stages):
     root, made = stages
     (root / "fail").touch()
     with pytest.raises(RuntimeError, match="1 / 0"):
-        run_stages(str(root), made)
+        run_stages(str(root / "stages"), made)
     assert (root / "b.txt").exists() and not (root / "stages" / "b.json").exists()
     (root / "fail").unlink()
-    assert run_stages(str(root), made) == ["b", "c"]
+    assert run_stages(str(root / "stages"), made) == ["b", "c"]
 
 
 def test_a_deleted_output_reruns_its_stage(stages):
     root, made = stages
-    run_stages(str(root), made)
+    run_stages(str(root / "stages"), made)
     (root / "b.txt").unlink()
-    assert run_stages(str(root), made) == ["b", "c"]
+    assert run_stages(str(root / "stages"), made) == ["b", "c"]
 
 
 def test_bad_force_names_and_missing_outputs_are_clear_errors(stages):
     root, made = stages
     with pytest.raises(DataError, match="unknown stage"):
-        run_stages(str(root), made, force=["segmentation"])
+        run_stages(str(root / "stages"), made, force=["segmentation"])
     made[0]["outputs"].append(str(root / "never_written.pt"))
     with pytest.raises(DataError, match="never_written.pt"):
-        run_stages(str(root), made)
+        run_stages(str(root / "stages"), made)
     assert not (root / "stages" / "a.json").exists()
 
 
@@ -84,11 +84,11 @@ def test_eval_split_prefers_a_test_split_with_masks(tmp_path):
 def test_skipped_stages_use_existing_outputs(stages):
     root, made = stages
     (root / "a.txt").write_text("made elsewhere")
-    assert run_stages(str(root), made, skip=["a"]) == ["b", "c"]
+    assert run_stages(str(root / "stages"), made, skip=["a"]) == ["b", "c"]
     assert (root / "a.txt").read_text() == "made elsewhere"
     (root / "a.txt").unlink()
     with pytest.raises(DataError, match="a.txt do not exist"):
-        run_stages(str(root), made, skip=["a"])
+        run_stages(str(root / "stages"), made, skip=["a"])
 
 
 def test_report_logs_absent_classes_as_not_available(tmp_path, caplog):

@@ -1,6 +1,7 @@
 """The ``training`` run id: classify → pseudo-label → segment → evaluate, each stage its own bundle workflow.
 
-A stage is skipped when a previous run finished it: its completion record (``<bundle_root>/stages/<name>.json``,
+A stage is skipped when a previous run finished it: its completion record (``<records_dir>/<name>.json``, by default
+``<bundle_root>/stages``,
 written only after the stage returned) exists and every output it lists is still there. A stage interrupted half
 way therefore runs again, even though checkpoints saved on the way (or on the exception) exist.
 """
@@ -21,8 +22,8 @@ from .errors import DataError
 logger = logging.getLogger("pathology_wsss")
 
 
-def _record(bundle_root: str, name: str) -> Path:
-    return Path(bundle_root) / "stages" / f"{name}.json"
+def _record(records_dir: str, name: str) -> Path:
+    return Path(records_dir) / f"{name}.json"
 
 
 def _finished(record: Path, outputs: Sequence[str]) -> bool:
@@ -30,11 +31,11 @@ def _finished(record: Path, outputs: Sequence[str]) -> bool:
 
 
 def run_stage(
-    bundle_root: str, name: str, config_file: str | Sequence[str], outputs: Sequence[str], overrides: dict,
+    records_dir: str, name: str, config_file: str | Sequence[str], outputs: Sequence[str], overrides: dict,
     run_id: str = "run", force: bool = False,
 ) -> bool:
     """Run one stage's workflow with ``overrides`` unless it already finished; returns whether it ran."""
-    record = _record(bundle_root, name)
+    record = _record(records_dir, name)
     if not force and _finished(record, outputs):
         logger.info("stage %s: done before (%s), skipped; force it with --force \"['%s']\"", name, record, name)
         return False
@@ -56,7 +57,7 @@ def run_stage(
 
 
 def run_stages(
-    bundle_root: str, stages: Sequence[dict], force: bool | Iterable[str] = False, skip: Iterable[str] = (),
+    records_dir: str, stages: Sequence[dict], force: bool | Iterable[str] = False, skip: Iterable[str] = (),
 ) -> list[str]:
     """Run ``stages`` (dicts of :func:`run_stage` arguments, in order); returns the names that ran.
 
@@ -79,7 +80,7 @@ def run_stages(
             logger.info("stage %s: skipped as asked; using %s", stage["name"], ", ".join(stage["outputs"]))
             continue
         must = stage["name"] in forced or bool(ran)
-        if run_stage(bundle_root, **stage, force=must):
+        if run_stage(records_dir, **stage, force=must):
             ran.append(stage["name"])
     return ran
 
