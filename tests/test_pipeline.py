@@ -1,8 +1,10 @@
 """Stage orchestration of the ``training`` run id: skip finished stages, force, re-run after interruption."""
 
 import json
+from pathlib import Path
 
 import pytest
+from monai.bundle import ConfigParser
 
 from scripts.errors import DataError
 from scripts.pipeline import eval_split, report, run_stages, self_training_stages
@@ -115,3 +117,17 @@ def test_self_training_stages_chain_the_rounds():
     for bad in (-1, 1.5, "2"):
         with pytest.raises(DataError, match="self_training must be a number of rounds"):
             self_training_stages(bad, "b", "m", "p", relabel, segment)
+
+
+@pytest.mark.parametrize("cores, workers, threads", [(1, 0, 1), (2, 0, 2), (4, 1, 3), (16, 4, 12), (64, 4, 60)])
+def test_cores_are_split_between_loader_workers_and_torch_threads(monkeypatch, cores, workers, threads):
+    """Two workers next to the networks' threads on a 2-core CPU made the demo 2.6x slower (model card, demo)."""
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    configs = Path(__file__).parents[1] / "bundle" / "configs"
+    for name in ("train.json", "train_cam.json", "evaluate.json"):
+        parser = ConfigParser()
+        parser.read_config(configs / name)
+        assert parser.get_parsed_content("num_workers") == workers, name
+    parser = ConfigParser()
+    parser.read_config(configs / "train.json")
+    assert parser.get_parsed_content("num_threads") == threads
