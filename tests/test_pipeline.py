@@ -124,7 +124,7 @@ def test_cores_are_split_between_loader_workers_and_torch_threads(monkeypatch, c
     """Two workers next to the networks' threads on a 2-core CPU made the demo 2.6x slower (model card, demo)."""
     monkeypatch.setattr("os.cpu_count", lambda: cores)
     configs = Path(__file__).parents[1] / "bundle" / "configs"
-    for name in ("train.json", "train_cam.json", "evaluate.json"):
+    for name in ("train.json", "train_cam.json", "evaluate.json", "inference.json"):
         parser = ConfigParser()
         parser.read_config(configs / name)
         assert parser.get_parsed_content("num_workers") == workers, name
