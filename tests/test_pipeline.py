@@ -124,10 +124,8 @@ def test_cores_are_split_between_loader_workers_and_torch_threads(monkeypatch, c
     """Two workers next to the networks' threads on a 2-core CPU made the demo 2.6x slower (model card, demo)."""
     monkeypatch.setattr("os.cpu_count", lambda: cores)
     configs = Path(__file__).parents[1] / "bundle" / "configs"
-    for name in ("train.json", "train_cam.json", "evaluate.json", "inference.json"):
-        parser = ConfigParser()
-        parser.read_config(configs / name)
+    parsers = {name: ConfigParser(ConfigParser.load_config_file(configs / name))
+               for name in ("train.json", "train_cam.json", "evaluate.json", "inference.json")}
+    for name, parser in parsers.items():
         assert parser.get_parsed_content("num_workers") == workers, name
-    parser = ConfigParser()
-    parser.read_config(configs / "train.json")
-    assert parser.get_parsed_content("num_threads") == threads
+    assert parsers["train.json"].get_parsed_content("num_threads") == threads
