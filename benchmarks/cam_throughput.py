@@ -33,10 +33,10 @@ GLAS = ROOT.parent / "shared" / "data" / "glas"
 
 def default_datalist(tmp: str) -> str:
     if GLAS.is_dir():
-        from scripts.datasets import glas
+        from scripts.data.adapters import glas
 
         return glas(str(GLAS), os.path.join(tmp, "glas.json"))
-    from scripts.synthetic import prepare_demo
+    from scripts.data.demo import prepare_demo
 
     return prepare_demo(tmp, n_train=16, n_validation=1, n_test=0, slide_size=64)
 

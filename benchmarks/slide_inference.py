@@ -5,12 +5,12 @@ One run (about 2-4 minutes on 2 busy CPU cores, slide generation included):
     OMP_NUM_THREADS=1 python benchmarks/slide_inference.py [--work /tmp/wsss_bench] [--roi 128] [--device cpu]
 
 1. Generates two synthetic pyramidal slides (JPEG tiles, 0.25 um/px, about 30 % tissue): 20480 x 20480 and a quarter
-   of that area, 10240 x 10240 (kept in ``--work`` for reruns). The tissue is rendered by ``scripts.synthetic`` at
+   of that area, 10240 x 10240 (kept in ``--work`` for reruns). The tissue is rendered by ``scripts.data.render`` at
    1 um/px and level 0 repeats each pixel 4 x 4, so the generation streams and stays within a few GB.
 2. Infers the large slide at the model's 1 um/px (pyramid level 2, a 5120 x 5120 grid) with the bundle's network
    (FlexibleUNet + EfficientNet-Lite0, random weights: speed does not depend on them), ``--roi`` windows (default 128,
    the demo's training patch size), overlap 0.25:
-   (a) ours (:class:`scripts.slide_inference.SlideInference`: tissue tiles only, DataLoader worker, batched Gaussian
+   (a) ours (:class:`scripts.wsi.inference.SlideInference`: tissue tiles only, DataLoader worker, batched Gaussian
    sliding window, all outputs written); (b) a naive loop over the same window grid: OpenSlide ``read_region`` per
    window, batch 1, every window of the slide, reading and network one after the other; (c) ours' reading alone
    (the DataLoader over the tissue tiles) and the network alone (as many windows as ours inferred, random input).
@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 from monai.inferers import SlidingWindowInferer  # noqa: E402
 from monai.networks.nets import FlexibleUNet  # noqa: E402
 
-import scripts.seg_net  # noqa: E402,F401  (registers efficientnet-lite0)
-from scripts.pyramid_tiff import write_pyramidal_tiff  # noqa: E402
-from scripts.slide_inference import SlideInference  # noqa: E402
-from scripts.synthetic import CLASSES, make_slide_array  # noqa: E402
+import scripts.seg.net  # noqa: E402,F401  (registers efficientnet-lite0)
+from scripts.wsi.pyramid_tiff import write_pyramidal_tiff  # noqa: E402
+from scripts.wsi.inference import SlideInference  # noqa: E402
+from scripts.data.render import CLASSES, make_slide_array  # noqa: E402
 
 SLIDE_MPP, MODEL_MPP, RENDER_FACTOR, TISSUE = 0.25, 1.0, 4, 0.3
 OVERLAP = 0.25

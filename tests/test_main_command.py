@@ -1,6 +1,6 @@
-"""The README's main command, `python -m monai.bundle run training`, end to end on a tiny synthetic demo: every stage
+"""The README's main command, `python -m monai.bundle run training`, end to end on the tiny synthetic demo: every stage
 runs once (classifier → pseudo-labels with a tiny random SAM → segmentation → evaluation), a second run skips them
-all, and forcing the pseudo-label stage re-runs it and the stages after it."""
+all, and a forced or changed stage re-runs from nothing with the stages after it."""
 
 import json
 import os
@@ -11,17 +11,15 @@ import pytest
 
 from conftest import BUNDLE
 
-SMALL = "$scripts.synthetic.prepare_demo(@demo_dir, n_train=4, n_validation=1, n_test=2, tile_size=64, slide_size=256, patch_size=32, stride=32)"
 TINY = {"cam_epochs": 1, "cam_input_size": 32, "max_epochs": 1, "refine_iterations": 1, "sam_backend": "tiny",
         "pretrained": False, "batch_size": 4, "num_workers": 0, "progress_bar": False}
 
 
-def run_training(root, *extra):
+def run_training(root, datalist, *extra):
     args = [sys.executable, "-m", "monai.bundle", "run", "training", "--bundle_root", str(BUNDLE),
-            "--config_file", str(BUNDLE / "configs" / "train.json"), "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
-            "--demo_dir", str(root / "demo"), "--datalist", SMALL, "--ckpt_dir", str(root / "models"),
-            "--pseudo_dir", str(root / "pseudo"), "--eval_dir", str(root / "eval"), "--log_dir", str(root / "logs"),
-            "--stages_dir", str(root / "stages"),
+            "--config_file", str(BUNDLE / "configs" / "pipeline.json"), "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
+            "--datalist", datalist, "--ckpt_dir", str(root / "models"), "--pseudo_dir", str(root / "pseudo"),
+            "--eval_dir", str(root / "eval"), "--log_dir", str(root / "logs"), "--stages_dir", str(root / "stages"),
             *[a for k, v in TINY.items() for a in (f"--{k}", str(v))], *extra]
     result = subprocess.run(args, capture_output=True, text=True, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
@@ -29,9 +27,9 @@ def run_training(root, *extra):
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
+def first_run(tmp_path_factory, tiny_demo):
     root = tmp_path_factory.mktemp("pipeline")
-    return root, run_training(root)
+    return root, run_training(root, tiny_demo)
 
 
 def test_every_stage_runs_and_reports(first_run):
@@ -42,52 +40,55 @@ def test_every_stage_runs_and_reports(first_run):
     pseudo = json.loads((root / "pseudo" / "datalist_pseudo.json").read_text())
     assert pseudo["classes"] == ["stroma", "gland", "lymphocytes"] and all("pseudo" in e for e in pseudo["training"])
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
-    assert metrics["images"] == 2 and 0 <= metrics["miou"] <= 1  # the demo's test split
+    assert metrics["images"] == 2 and 0 <= metrics["miou"] <= 1  # the demo's validation split (no test masks)
     assert "evaluation on 2 images: mIoU" in log and str(root / "eval" / "overlays") in log
     assert not (root / "cufile.log").exists()
     assert (root / "stages" / "segment.json").is_file()  # records live with the run, not in the bundle
     assert not any(str(root) in p.read_text() for p in (BUNDLE / "stages").glob("*.json"))
 
 
-def test_a_second_run_skips_finished_stages_and_force_reruns_from_a_stage(first_run):
+def test_a_second_run_skips_finished_stages_and_force_reruns_from_a_stage(first_run, tiny_demo):
     root, _ = first_run
     model = (root / "models" / "model.pt").stat().st_mtime_ns
-    log = run_training(root)
+    log = run_training(root, tiny_demo)
     assert "finished in" not in log and log.count("done before") == 4
     assert (root / "models" / "model.pt").stat().st_mtime_ns == model
-    log = run_training(root, "--force", "['pseudo_label']")
+    log = run_training(root, tiny_demo, "--force", "['pseudo_label']")
     assert "stage classify: done before" in log
     assert all(f"stage {s}: finished" in log for s in ("pseudo_label", "segment", "evaluate"))
+    assert "pseudo-labels: 0 of 4 images done, 4 to go" in log  # from nothing, not from the old masks
     assert (root / "models" / "model.pt").stat().st_mtime_ns != model
 
 
-def test_pipeline_settings_reach_their_stages(tmp_path):
-    """Every classifier, pseudo-label and segmentation setting of `run training` is handed to its stage's config."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser(ConfigParser.load_config_file(BUNDLE / "configs" / "train.json"))
-    settings = {"cam_input_size": 96, "cam_epochs": 3, "cam_backbone": "efficientnet_lite0", "adl": True, "pda": False,
-                "pda_warmup_epochs": 1, "cam_tta": "d4", "seg_tta": "flip", "sam_backend": "tiny", "sam_classes": ["gland"],
-                "refine_iterations": 2, "refine_epochs": 1, "max_epochs": 5, "layer_weights": [1.0], "easy_mining": True,
-                "batch_size": 3, "learning_rate": 0.01, "zoom": 0.5}
-    (tmp_path / "datalist.json").write_text("{}")  # evaluation reads which split has masks
-    parser.update({"bundle_root": str(BUNDLE), "datalist": str(tmp_path / "datalist.json"), **settings})
-    classify, pseudo, segment, evaluate = (parser.get_parsed_content(f"stage#{name}#overrides")
-                                           for name in ("classify", "pseudo_label", "segment", "evaluate"))
-    assert {k: classify[k] for k in ("input_size", "max_epochs", "backbone", "adl", "pda", "pda_warmup_epochs")} == {
-        "input_size": 96, "max_epochs": 3, "backbone": "efficientnet_lite0", "adl": True, "pda": False, "pda_warmup_epochs": 1}
-    assert {k: pseudo[k] for k in ("input_size", "tta", "sam_backend", "sam_classes", "refine_iterations", "refine_epochs")} == {
-        "input_size": 96, "tta": "d4", "sam_backend": "tiny", "sam_classes": ["gland"], "refine_iterations": 2,
-        "refine_epochs": 1}
-    assert {k: segment[k] for k in ("max_epochs", "layer_weights", "easy_mining", "batch_size", "learning_rate", "zoom")} == {
-        "max_epochs": 5, "layer_weights": [1.0], "easy_mining": True, "batch_size": 3, "learning_rate": 0.01, "zoom": 0.5}
-    assert evaluate["tta"] == "flip" and pseudo["seg_tta"] == "flip"  # the network's TTA: evaluation and relabelling
+def test_forcing_the_classifier_recomputes_the_pseudo_masks(tmp_path, tiny_demo):
+    """Issue: `--force "['classify']"` used to retrain the classifier but reuse every old pseudo-mask."""
+    run_training(tmp_path, tiny_demo)
+    masks = {p: p.read_bytes() for p in (tmp_path / "pseudo" / "sam_iter0").glob("*.png")}
+    log = run_training(tmp_path, tiny_demo, "--force", "['classify']", "--seed", "1")
+    assert all(f"stage {s}: finished" in log for s in ("classify", "pseudo_label", "segment", "evaluate"))
+    assert "pseudo-labels: 0 of 4 images done, 4 to go" in log
+    assert any(p.read_bytes() != data for p, data in masks.items())  # another classifier, other CAMs, other masks
 
 
-def test_self_training_adds_rounds(tmp_path):
+def test_another_datalist_reruns_every_stage_and_says_why(first_run, tiny_demo, tmp_path):
+    """Issue: after the demo, `run training --datalist other.json` skipped every stage and reported the demo's metrics."""
+    root, _ = first_run
+    data = json.loads(open(tiny_demo).read())
+    data["validation"] = data["validation"][: len(data["validation"]) // 2]  # one image fewer to evaluate
+    for entry in data["training"] + data["validation"]:  # the new file lives elsewhere: absolute paths
+        entry.update({k: os.path.join(os.path.dirname(tiny_demo), entry[k]) for k in ("image", "mask") if k in entry})
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    log = run_training(root, str(other))
+    assert "stage classify: runs again: datalist changed; settings changed (datalist)" in log
+    assert all(f"stage {s}: finished" in log for s in ("classify", "pseudo_label", "segment", "evaluate"))
+    assert json.loads((root / "eval" / "metrics.json").read_text())["images"] == 1
+
+
+def test_self_training_adds_rounds(tmp_path, tiny_demo):
     """--self_training 2: twice, the last network's predictions prompt SAM again (relabel) and a fresh network trains on
     those masks; the earlier rounds' models stay in models/round1, models/round2."""
-    log = run_training(tmp_path, "--self_training", "2")
+    log = run_training(tmp_path, tiny_demo, "--self_training", "2")
     stages = ("classify", "pseudo_label", "segment", "relabel_round2", "segment_round2", "relabel_round3", "segment_round3",
               "evaluate")
     for stage in stages:

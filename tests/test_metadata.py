@@ -28,7 +28,7 @@ def test_metadata_describes_rgb_input_and_named_class_outputs():
 
 
 def test_output_channels_are_the_default_training_data_classes():
-    from scripts.synthetic import CLASSES
+    from scripts.data.render import CLASSES
 
     out = json.loads((BUNDLE / "configs" / "metadata.json").read_text())["network_data_format"]["outputs"]["pred"]
     assert [out["channel_def"][str(i)] for i in range(out["num_channels"])] == list(CLASSES)

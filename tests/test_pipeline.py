@@ -1,54 +1,88 @@
-"""Stage orchestration of the ``training`` run id: skip finished stages, force, re-run after interruption."""
+"""The ``training`` run id: the stage graph of pipeline.json, skipping what is current, re-running what changed."""
 
 import json
-from pathlib import Path
 
 import pytest
 from monai.bundle import ConfigParser
 
+from conftest import BUNDLE, configs
 from scripts.errors import DataError
-from scripts.pipeline import eval_split, report, run_stages, self_training_stages
+from scripts.pipeline import report, run_stages, stage_graph
+from scripts.seg.data import eval_split
 
 
 @pytest.fixture
 def stages(tmp_path):
-    """Three stages whose workflow appends to its output file, so a file's length counts the runs; ``b`` fails while
-    ``fail`` exists, after writing its output (like a checkpoint saved on an exception)."""
+    """Three stages; each writes its ``value`` setting to its output and logs its name to runs.txt; ``b`` fails after
+    writing its output while ``fail`` exists (like a checkpoint saved on an exception), and leaves a work file."""
     (tmp_path / "configs").mkdir()
     made = []
     for name in "abc":
-        config = {"out": "", "fail": "", "run": ["$open(@out, 'a').write('x')",
-                                                 "$os.path.exists(@fail) and 1 / 0"], "imports": ["$import os"]}
+        config = {"imports": ["$import os"], "out": "", "fail": "", "value": "v", "work": "",
+                  "run": ["$open(@out, 'w').write(@value)", f"$open('{tmp_path / 'runs.txt'}', 'a').write('{name}')",
+                          "$open(@work, 'a').write('x') if @work else None", "$os.path.exists(@fail) and 1 / 0"]}
         path = tmp_path / "configs" / f"{name}.json"
         path.write_text(json.dumps(config))
         out = tmp_path / f"{name}.txt"
         fail = tmp_path / "fail" if name == "b" else tmp_path / "never"
-        made.append({"name": name, "config_file": str(path), "outputs": [str(out)],
-                     "overrides": {"out": str(out), "fail": str(fail)}})
+        work = str(tmp_path / "b.work") if name == "b" else ""
+        made.append({"name": name, "config_file": str(path), "outputs": [str(out)], "clear": [work] if work else [],
+                     "overrides": {"out": str(out), "fail": str(fail), "work": work}})
     return tmp_path, made
 
 
 def runs(root):
-    return {n: len((root / f"{n}.txt").read_text()) if (root / f"{n}.txt").exists() else 0 for n in "abc"}
+    path = root / "runs.txt"
+    runs = path.read_text() if path.exists() else ""
+    path.unlink(missing_ok=True)
+    return runs
 
 
 def test_finished_stages_are_skipped(stages):
     root, made = stages
     assert run_stages(str(root / "stages"), made) == ["a", "b", "c"]
     assert run_stages(str(root / "stages"), made) == []
-    assert runs(root) == {"a": 1, "b": 1, "c": 1}
-    assert json.loads((root / "stages" / "b.json").read_text())["outputs"] == made[1]["outputs"]
+    assert runs(root) == "abc"
+    assert list(json.loads((root / "stages" / "b.json").read_text())["outputs"]) == made[1]["outputs"]
 
 
-def test_forcing_a_stage_reruns_it_and_every_later_stage(stages):
+def test_forcing_a_stage_reruns_it_from_nothing_and_every_later_stage(stages):
     root, made = stages
     run_stages(str(root / "stages"), made)
+    assert (root / "b.work").read_text() == "x"
     assert run_stages(str(root / "stages"), made, force=["b"]) == ["b", "c"]
+    assert (root / "b.work").read_text() == "x"  # cleared before the forced run, not reused
     assert run_stages(str(root / "stages"), made, force=True) == ["a", "b", "c"]
-    assert runs(root) == {"a": 2, "b": 3, "c": 3}
 
 
-def test_an_interrupted_stage_runs_again_although_its_output_exists(stages):
+def test_a_changed_setting_reruns_its_stage_and_the_later_ones_and_says_why(stages, caplog):
+    root, made = stages
+    run_stages(str(root / "stages"), made)
+    made[1]["overrides"]["value"] = "w"
+    with caplog.at_level("INFO", logger="pathology_wsss"):
+        assert run_stages(str(root / "stages"), made) == ["b", "c"]
+    assert "stage b: runs again: settings changed (value)" in caplog.text
+    assert "stage c: runs again: output of b changed" in caplog.text
+
+
+def test_a_changed_datalist_or_config_reruns_everything(stages, caplog):
+    root, made = stages
+    datalist = root / "datalist.json"
+    datalist.write_text('{"classes": ["a", "b", "c"]}')
+    for stage in made:
+        stage["overrides"]["datalist"] = str(datalist)
+    run_stages(str(root / "stages"), made)
+    datalist.write_text('{"classes": ["a", "b"]}')
+    with caplog.at_level("INFO", logger="pathology_wsss"):
+        assert run_stages(str(root / "stages"), made) == ["a", "b", "c"]
+    assert "stage a: runs again: datalist changed" in caplog.text
+    config = json.loads(open(made[2]["config_file"]).read())
+    config["value"] = "changed default"
+    open(made[2]["config_file"], "w").write(json.dumps(config))
+    assert run_stages(str(root / "stages"), made) == ["c"]
+
+
+def test_an_interrupted_stage_resumes_with_its_work_files(stages):
     root, made = stages
     (root / "fail").touch()
     with pytest.raises(RuntimeError, match="1 / 0"):
@@ -56,13 +90,16 @@ def test_an_interrupted_stage_runs_again_although_its_output_exists(stages):
     assert (root / "b.txt").exists() and not (root / "stages" / "b.json").exists()
     (root / "fail").unlink()
     assert run_stages(str(root / "stages"), made) == ["b", "c"]
+    assert (root / "b.work").read_text() == "xx"  # same inputs: resumed, its work kept
 
 
-def test_a_deleted_output_reruns_its_stage(stages):
+def test_a_deleted_or_replaced_output_reruns_its_stage(stages):
     root, made = stages
     run_stages(str(root / "stages"), made)
     (root / "b.txt").unlink()
-    assert run_stages(str(root / "stages"), made) == ["b", "c"]
+    assert run_stages(str(root / "stages"), made) == ["b"]  # same bytes again: c stays current
+    (root / "a.txt").write_text("replaced by hand")
+    assert run_stages(str(root / "stages"), made) == ["a"]  # it writes the same bytes again: b and c stay current
 
 
 def test_bad_force_names_and_missing_outputs_are_clear_errors(stages):
@@ -75,14 +112,6 @@ def test_bad_force_names_and_missing_outputs_are_clear_errors(stages):
     assert not (root / "stages" / "a.json").exists()
 
 
-def test_eval_split_prefers_a_test_split_with_masks(tmp_path):
-    path = tmp_path / "d.json"
-    path.write_text(json.dumps({"validation": [{"image": "a", "mask": "m"}], "test": [{"image": "b", "mask": "n"}]}))
-    assert eval_split(str(path)) == "test"
-    path.write_text(json.dumps({"validation": [{"image": "a", "mask": "m"}], "test": [{"image": "b"}]}))
-    assert eval_split(str(path)) == "validation"
-
-
 def test_skipped_stages_use_existing_outputs(stages):
     root, made = stages
     (root / "a.txt").write_text("made elsewhere")
@@ -91,6 +120,14 @@ def test_skipped_stages_use_existing_outputs(stages):
     (root / "a.txt").unlink()
     with pytest.raises(DataError, match="a.txt do not exist"):
         run_stages(str(root / "stages"), made, skip=["a"])
+
+
+def test_eval_split_prefers_a_test_split_with_masks(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"validation": [{"image": "a", "mask": "m"}], "test": [{"image": "b", "mask": "n"}]}))
+    assert eval_split(str(path)) == "test"
+    path.write_text(json.dumps({"validation": [{"image": "a", "mask": "m"}], "test": [{"image": "b"}]}))
+    assert eval_split(str(path)) == "validation"
 
 
 def test_report_logs_absent_classes_as_not_available(tmp_path, caplog):
@@ -102,30 +139,99 @@ def test_report_logs_absent_classes_as_not_available(tmp_path, caplog):
     assert "mIoU 0.500" in caplog.text and "a 0.500, b n/a" in caplog.text
 
 
-def test_self_training_stages_chain_the_rounds():
-    relabel, segment = {"datalist": "d.json"}, {"max_epochs": 3}
-    assert self_training_stages(0, "b", "m", "p", relabel, segment) == []
-    assert self_training_stages(False, "b", "m", "p", relabel, segment) == []
-    one = self_training_stages(True, "b", "m", "p", relabel, segment)
-    assert [s["name"] for s in one] == ["relabel_round2", "segment_round2"]
-    assert one[0]["overrides"] == {"datalist": "d.json", "seg_checkpoint": "m/round1/model.pt", "output_dir": "p/round2"}
-    assert one[1]["outputs"] == ["m/model.pt"] and one[1]["overrides"]["pseudo_datalist"] == "p/round2/datalist_pseudo.json"
-    two = self_training_stages(2, "b", "m", "p", relabel, segment)
-    assert [s["outputs"][0] for s in two] == ["p/round2/datalist_pseudo.json", "m/round2/model.pt",
-                                             "p/round3/datalist_pseudo.json", "m/model.pt"]
-    assert two[2]["overrides"]["seg_checkpoint"] == "m/round2/model.pt"
+DIRS = {"ckpt_dir": "m", "pseudo_dir": "p", "eval_dir": "e", "log_dir": "l"}
+
+
+def test_self_training_rounds_chain_relabel_and_segment_stages():
+    settings = {"segment": {"max_epochs": 3}, "self_training_segment": {"layer_weights": [1.0]}}
+    assert [s["name"] for s in stage_graph("c", DIRS, {}, settings, 0)] == ["classify", "pseudo_label", "segment", "evaluate"]
+    one = stage_graph("c", DIRS, {"datalist": "d.json", "seed": None}, settings, True)
+    assert [s["name"] for s in one] == ["classify", "pseudo_label", "segment", "relabel_round2", "segment_round2", "evaluate"]
+    relabel, segment = one[3], one[4]
+    assert relabel["config_file"] == ["c/common.json", "c/pseudo_label.json", "c/relabel.json"]
+    assert relabel["overrides"] == {"datalist": "d.json", "output_dir": "p/round2", "seg_checkpoint": "m/round1/model.pt"}
+    assert one[2]["outputs"] == ["m/round1/model.pt"] and segment["outputs"] == ["m/model.pt"]
+    assert segment["overrides"]["pseudo_datalist"] == "p/round2/datalist_pseudo.json"
+    assert segment["overrides"]["layer_weights"] == [1.0] and segment["overrides"]["max_epochs"] == 3
+    assert "layer_weights" not in one[2]["overrides"]  # round 1 keeps train.json's MLPS weights
+    two = stage_graph("c", DIRS, {}, settings, 2)
+    assert [s["outputs"][0] for s in two[3:7]] == ["p/round2/datalist_pseudo.json", "m/round2/model.pt",
+                                                  "p/round3/datalist_pseudo.json", "m/model.pt"]
+    assert two[5]["overrides"]["seg_checkpoint"] == "m/round2/model.pt"
     for bad in (-1, 1.5, "2"):
         with pytest.raises(DataError, match="self_training must be a number of rounds"):
-            self_training_stages(bad, "b", "m", "p", relabel, segment)
+            stage_graph("c", DIRS, {}, settings, bad)
+
+
+def pipeline_stages(**overrides):
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "pipeline.json"))
+    parser.update({"bundle_root": str(BUNDLE), "datalist": "unused.json", **overrides})
+    parser.get_parsed_content("imports")
+    return {s["name"]: s for s in parser.get_parsed_content("stages")}
+
+
+# the tuned defaults of each stage; each must live in the stage's config alone
+TUNED = {
+    "classify": ["max_epochs", "cam_input_size", "cam_backbone", "adl", "pda", "pda_warmup_epochs", "batch_size",
+                 "learning_rate", "seed", "num_workers", "pretrained"],
+    "pseudo_label": ["cam_input_size", "cam_tta", "ids_threshold", "prompts#margin", "refine_iterations",
+                     "refine_epochs", "sam_backend", "sam_classes", "confidence", "box_rule", "seed"],
+    "segment": ["max_epochs", "layer_weights", "batch_size", "learning_rate", "easy_mining", "holdout_fraction", "zoom",
+                "lambda_dice", "pretrained", "seed"],
+    "evaluate": ["seg_tta", "zoom", "roi_size", "overlap"],
+}
+UNRESOLVED = ("prompts#margin",)  # needs the datalist to resolve: compare the raw config text
+
+
+def resolved(stage, keys):
+    parser = ConfigParser()
+    parser.read_config(stage["config_file"])
+    parser.update(stage["overrides"])
+    return {k: parser[k] if k in UNRESOLVED else parser.get_parsed_content(k) for k in keys}
+
+
+def stage_defaults(stage, keys):
+    parser = ConfigParser()
+    parser.read_config(stage["config_file"])
+    return {k: parser[k] if k in UNRESOLVED else parser.get_parsed_content(k) for k in keys}
+
+
+def test_run_training_hands_each_stage_its_own_defaults():
+    """What `run training` passes a stage equals the stage config's own default unless the user overrides it."""
+    stages = pipeline_stages()
+    for name, keys in TUNED.items():
+        assert resolved(stages[name], keys) == stage_defaults(stages[name], keys), name
+
+
+def test_pipeline_settings_reach_their_stages():
+    settings = {"cam_input_size": 96, "cam_epochs": 3, "adl": True, "pda": False, "pda_warmup_epochs": 1,
+                "cam_tta": "d4", "seg_tta": "flip", "sam_backend": "tiny", "sam_classes": ["gland"], "ids_threshold": 0.9,
+                "refine_iterations": 2, "refine_epochs": 1, "max_epochs": 5, "layer_weights": [1.0], "easy_mining": True,
+                "batch_size": 3, "learning_rate": 0.01, "zoom": 0.5, "seed": 7}
+    stages = pipeline_stages(**settings)
+    got = {name: resolved(stages[name], keys) for name, keys in TUNED.items() if name != "pseudo_label"}
+    assert {k: got["classify"][k] for k in ("max_epochs", "cam_input_size", "adl", "pda", "pda_warmup_epochs", "seed")} == {
+        "max_epochs": 3, "cam_input_size": 96, "adl": True, "pda": False, "pda_warmup_epochs": 1, "seed": 7}
+    assert got["classify"]["batch_size"] == 16  # the pipeline's batch_size is the segmentation network's
+    pseudo = stages["pseudo_label"]["overrides"]
+    assert {k: pseudo[k] for k in ("cam_input_size", "cam_tta", "sam_backend", "sam_classes", "ids_threshold",
+                                   "refine_iterations", "refine_epochs")} == {
+        "cam_input_size": 96, "cam_tta": "d4", "sam_backend": "tiny", "sam_classes": ["gland"], "ids_threshold": 0.9,
+        "refine_iterations": 2, "refine_epochs": 1}
+    assert {k: got["segment"][k] for k in ("max_epochs", "layer_weights", "easy_mining", "batch_size", "learning_rate",
+                                           "zoom")} == {
+        "max_epochs": 5, "layer_weights": [1.0], "easy_mining": True, "batch_size": 3, "learning_rate": 0.01, "zoom": 0.5}
+    assert got["evaluate"]["seg_tta"] == "flip" and got["evaluate"]["zoom"] == 0.5
 
 
 @pytest.mark.parametrize("cores, workers, threads", [(1, 0, 1), (2, 0, 2), (4, 1, 3), (16, 4, 12), (64, 4, 60)])
 def test_cores_are_split_between_loader_workers_and_torch_threads(monkeypatch, cores, workers, threads):
     """Two workers next to the networks' threads on a 2-core CPU made the demo 2.6x slower (model card, demo)."""
     monkeypatch.setattr("os.cpu_count", lambda: cores)
-    configs = Path(__file__).parents[1] / "bundle" / "configs"
-    parsers = {name: ConfigParser(ConfigParser.load_config_file(configs / name))
-               for name in ("train.json", "train_cam.json", "evaluate.json", "inference.json")}
-    for name, parser in parsers.items():
-        assert parser.get_parsed_content("num_workers") == workers, name
-    assert parsers["train.json"].get_parsed_content("num_threads") == threads
+    for files in (configs("train.json"), configs("train_cam.json"), configs("pseudo_label.json"),
+                  configs("train.json", "evaluate.json"), [str(BUNDLE / "configs" / "inference.json")]):
+        parser = ConfigParser(ConfigParser.load_config_files(files))
+        assert parser.get_parsed_content("num_workers") == workers, files
+        if "inference.json" not in files[-1]:
+            assert parser.get_parsed_content("num_threads") == threads, files

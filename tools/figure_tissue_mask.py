@@ -3,7 +3,7 @@
     python tools/figure_tissue_mask.py [SLIDE] [OUTPUT] [--backend cucim] [--patch_size 224]
 
 Defaults: ../shared/data/wsi/CMU-1-Small-Region.svs -> bundle/docs/tissue_mask_cmu.png. Uses the same code
-as the slides adapter (scripts.wsi.tissue_mask, scripts.slides.from_slides), so the picture shows what the
+as the slides adapter (scripts.wsi.reader.tissue_mask, scripts.data.slides.from_slides), so the picture shows what the
 datalist contains.
 """
 
@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bundle"))
 os.environ.setdefault("CUFILE_LOGFILE_PATH", os.devnull)
 
-from scripts.slides import from_slides  # noqa: E402
-from scripts.wsi import level_downsample, open_slide, read_lowres, tissue_mask  # noqa: E402
+from scripts.data.slides import from_slides  # noqa: E402
+from scripts.wsi.reader import level_downsample, open_slide, read_lowres, tissue_mask  # noqa: E402
 
 
 def main() -> None:

@@ -41,11 +41,11 @@ os.environ.setdefault("CUFILE_LOGFILE_PATH", os.devnull)
 from monai.bundle import ConfigParser  # noqa: E402
 from monai.data import load_decathlon_datalist  # noqa: E402
 
-from scripts.cam import WholeImageCAM  # noqa: E402
+from scripts.cam.maps import WholeImageCAM  # noqa: E402
 from scripts.checkpoints import load_network  # noqa: E402
 from scripts.images import read_mask, read_rgb  # noqa: E402
-from scripts.seg_metrics import confusion_matrix as confusion  # noqa: E402
-from scripts.seg_metrics import scores as cm_scores  # noqa: E402
+from scripts.seg.metrics import confusion_matrix as confusion  # noqa: E402
+from scripts.seg.metrics import scores as cm_scores  # noqa: E402
 
 LAYERS = ("classifier", "backbone.blocks.5", "backbone.blocks.4")
 

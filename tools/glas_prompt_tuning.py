@@ -38,10 +38,11 @@ from glas_pseudo_eval import miou  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
 from monai.data import load_decathlon_datalist  # noqa: E402
 
-from scripts.datalist import read_classes  # noqa: E402
+from scripts.data.datalist import read_classes  # noqa: E402
 from scripts.images import read_mask  # noqa: E402
-from scripts.pseudo_label import Outputs, load_cams, pseudo_items  # noqa: E402
-from scripts.pseudo_masks import IGNORE  # noqa: E402
+from scripts.sam.outputs import Outputs, pseudo_items  # noqa: E402
+from scripts.sam.labeler import load_cams  # noqa: E402
+from scripts.sam.masks import IGNORE  # noqa: E402
 
 
 def main() -> None:

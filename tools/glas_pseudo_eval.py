@@ -35,11 +35,12 @@ from glas_cam_eval import confusion, heat  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
 from monai.data import load_decathlon_datalist  # noqa: E402
 
-from scripts.datalist import read_classes  # noqa: E402
+from scripts.data.datalist import read_classes  # noqa: E402
 from scripts.images import read_mask, read_rgb  # noqa: E402
-from scripts.pseudo_label import Outputs, load_cams, pseudo_items  # noqa: E402
-from scripts.pseudo_masks import IGNORE  # noqa: E402
-from scripts.seg_metrics import scores  # noqa: E402
+from scripts.sam.outputs import Outputs, pseudo_items  # noqa: E402
+from scripts.sam.labeler import load_cams  # noqa: E402
+from scripts.sam.masks import IGNORE  # noqa: E402
+from scripts.seg.metrics import scores  # noqa: E402
 
 COLOURS = np.array([[255, 255, 255], [0, 150, 60]], np.uint8)  # non-gland white, gland green; ignore grey
 PANEL = 220

@@ -1,69 +1,226 @@
-"""The ``training`` run id: classify → pseudo-label → segment → evaluate, each stage its own bundle workflow.
+"""The ``training`` run id (``configs/pipeline.json``): classify → pseudo-label → segment → [self-training rounds] →
+evaluate, each stage a bundle workflow of its own run as ``[common.json, <stage>.json]`` with the pipeline's settings.
 
-A stage is skipped when a previous run finished it: its completion record (``<records_dir>/<name>.json``, by default
-``<bundle_root>/stages``,
-written only after the stage returned) exists and every output it lists is still there. A stage interrupted half
-way therefore runs again, even though checkpoints saved on the way (or on the exception) exist.
+:func:`stage_graph` is the one place the stages, their order, their outputs and what each is handed are defined.
+:func:`run_stages` runs them. A stage is skipped only when its completion record (``<stages_dir>/<name>.json``,
+written after the stage returned) holds the same fingerprint as now: a hash of the stage's configs, the settings
+handed to it, the datalist's content, the bundle code, and the outputs of every stage before it; and its outputs are
+still the files it wrote. Anything else re-runs the stage, and with it every later stage; the log says why.
+A stage that runs starts from nothing (its outputs and work files are removed first), unless it is the same stage,
+same fingerprint, resuming after an interruption: then its work files are kept (the pseudo-label stage resumes).
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import logging
+import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from monai.bundle import ConfigWorkflow
 
 from .atomic import atomic_output
 from .errors import DataError
+from .sam.outputs import Outputs
 
 logger = logging.getLogger("pathology_wsss")
+SCRIPTS = Path(__file__).resolve().parent
 
 
-def _record(records_dir: str, name: str) -> Path:
-    return Path(records_dir) / f"{name}.json"
+def _given(settings: Mapping | None) -> dict:
+    """The settings the user gave: in ``pipeline.json`` null means "the stage config's own default"."""
+    return {k: v for k, v in (settings or {}).items() if v is not None}
 
 
-def _finished(record: Path, outputs: Sequence[str]) -> bool:
-    return record.is_file() and all(Path(o).exists() for o in outputs)
+def _rounds(self_training) -> int:
+    if isinstance(self_training, bool):
+        return int(self_training)
+    if not isinstance(self_training, int) or self_training < 0:
+        raise DataError(f"self_training must be a number of rounds >= 0 (0: off), got {self_training!r}")
+    return self_training
 
 
-def run_stage(
-    records_dir: str, name: str, config_file: str | Sequence[str], outputs: Sequence[str], overrides: dict,
-    run_id: str = "run", force: bool = False,
-) -> bool:
-    """Run one stage's workflow with ``overrides`` unless it already finished; returns whether it ran."""
-    record = _record(records_dir, name)
-    if not force and _finished(record, outputs):
-        logger.info("stage %s: done before (%s), skipped; force it with --force \"['%s']\"", name, record, name)
-        return False
+def stage_graph(configs_dir: str, dirs: Mapping[str, str], shared: Mapping, settings: Mapping[str, Mapping],
+                self_training: int | bool = 0) -> list[dict]:
+    """The stages of one ``run training``, as dicts of :func:`run_stage` arguments.
+
+    Args:
+        configs_dir: the bundle's ``configs`` folder; every stage runs ``common.json`` with its own config on top.
+        dirs: ``ckpt_dir``, ``pseudo_dir``, ``eval_dir``, ``log_dir``: where the stages write.
+        shared: settings handed to every stage (datalist, seed, device, ...); None values are left out.
+        settings: per stage group (``classify``, ``pseudo_label``, ``segment``, ``relabel``, ``self_training_segment``,
+            ``evaluate``) the stage keys the user set; None values are left out, so a stage keeps its own default.
+        self_training: rounds after the first segmentation (True: one). Round k relabels the training images with
+            round k-1's network (its predictions prompt SAM; masks in ``pseudo_dir/round<k>``) and trains a fresh
+            network on them, into ``ckpt_dir/round<k>``; the last round's network is ``ckpt_dir/model.pt``.
+
+    Returns:
+        the stages in order, each ``{"name", "config_file", "outputs", "clear", "overrides"}``.
+    """
+    rounds, shared = _rounds(self_training), _given(shared)
+    ckpt, pseudo, logs = dirs["ckpt_dir"], dirs["pseudo_dir"], dirs["log_dir"]
+
+    def stage(name, configs, outputs, group=(), clear=(), **paths):
+        overrides = dict(shared)
+        for key in group:
+            overrides.update(_given(settings.get(key)))
+        configs = [str(Path(configs_dir) / c) for c in ("common.json", *configs)]
+        return {"name": name, "config_file": configs, "outputs": [str(o) for o in outputs],
+                "clear": [str(c) for c in clear], "overrides": {**overrides, **paths}}
+
+    def labels(name, masks_dir, configs, group, **paths):
+        out = Outputs(masks_dir)
+        return stage(name, configs, [out.datalist], group, out.work_files(), output_dir=str(masks_dir), **paths)
+
+    def segment(name, masks_dir, model_dir, group):
+        return stage(name, ["train.json"], [f"{model_dir}/model.pt"], group, [f"{model_dir}/seg_last.pt"],
+                     pseudo_datalist=str(Outputs(masks_dir).datalist), ckpt_dir=model_dir, log_dir=f"{logs}/train")
+
+    first = f"{ckpt}/round1" if rounds else ckpt
+    stages = [
+        stage("classify", ["train_cam.json"], [f"{ckpt}/cam_best.pt"], ["classify"], [f"{ckpt}/cam_last.pt"],
+              ckpt_dir=ckpt, log_dir=f"{logs}/train_cam"),
+        labels("pseudo_label", pseudo, ["pseudo_label.json"], ["pseudo_label"], ckpt_dir=ckpt),
+        segment("segment", pseudo, first, ["segment"]),
+    ]
+    for k in range(2, rounds + 2):
+        masks, model = f"{pseudo}/round{k}", ckpt if k == rounds + 1 else f"{ckpt}/round{k}"
+        stages += [
+            labels(f"relabel_round{k}", masks, ["pseudo_label.json", "relabel.json"], ["pseudo_label", "relabel"],
+                   seg_checkpoint=f"{ckpt}/round{k - 1}/model.pt"),
+            segment(f"segment_round{k}", masks, model, ["segment", "self_training_segment"]),
+        ]
+    stages.append(stage("evaluate", ["train.json", "evaluate.json"], [f"{dirs['eval_dir']}/metrics.json"],
+                        ["evaluate"], ckpt_dir=ckpt, output_dir=dirs["eval_dir"]))
+    return stages
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _file_hash(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def code_version() -> str:
+    """A hash of the bundle's Python code: a stage run by other code is not reused."""
+    return _sha(b"".join(p.relative_to(SCRIPTS).as_posix().encode() + p.read_bytes()
+                         for p in sorted(SCRIPTS.rglob("*.py"))))
+
+
+def _inputs(stage: dict, upstream: Mapping[str, Mapping[str, str]], code: str) -> dict:
+    """What the stage reads, hashed part by part so that the log can say which part changed."""
+    settings = json.loads(json.dumps(stage["overrides"], sort_keys=True, default=str))
+    datalist = settings.get("datalist")
+    configs = [stage["config_file"]] if isinstance(stage["config_file"], str) else stage["config_file"]
+    return {
+        "configs": {Path(c).name: _file_hash(c) for c in configs},
+        "settings": settings,
+        "datalist": _file_hash(datalist) if datalist and Path(datalist).is_file() else None,
+        "code": code,
+        "upstream": dict(upstream),
+    }
+
+
+def _changes(old: Mapping, new: Mapping) -> list[str]:
+    """Why a recorded stage is stale, in words."""
+    why = []
+    for part in ("datalist", "configs", "code"):
+        if old.get(part) != new[part]:
+            why.append(f"{part} changed")
+    keys = sorted(k for k in set(old.get("settings", {})) | set(new["settings"])
+                  if old.get("settings", {}).get(k) != new["settings"].get(k))
+    if keys:
+        why.append(f"settings changed ({', '.join(keys)})")
+    stages = sorted(s for s in set(old.get("upstream", {})) | set(new["upstream"])
+                    if old.get("upstream", {}).get(s) != new["upstream"].get(s))
+    if stages:
+        why.append(f"output of {', '.join(stages)} changed")
+    return why
+
+
+def _output_hashes(outputs: Sequence[str]) -> dict[str, str]:
+    return {o: _file_hash(o) for o in outputs}
+
+
+def _clear(stage: dict) -> None:
+    for pattern in [*stage["outputs"], *stage.get("clear", [])]:
+        for path in glob.glob(pattern):
+            shutil.rmtree(path) if Path(path).is_dir() else Path(path).unlink()
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _write(path: Path, data: dict) -> None:
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=1))
+
+
+def run_stage(records_dir: str, stage: dict, upstream: Mapping[str, Mapping[str, str]], code: str,
+              force: bool = False) -> tuple[bool, dict[str, str]]:
+    """Run one stage unless its record is current; returns (whether it ran, its output hashes)."""
+    name, records = stage["name"], Path(records_dir)
+    record, started = records / f"{name}.json", records / f"{name}.started.json"
+    inputs = _inputs(stage, upstream, code)
+    done = _read(record)
+    if done is not None and not force:
+        outputs_now = {o: _file_hash(o) for o in stage["outputs"] if Path(o).is_file()}
+        why = _changes(done.get("inputs", {}), inputs)
+        if outputs_now != done.get("outputs"):
+            why.append("its outputs were changed or removed")
+        if not why:
+            logger.info("stage %s: done before with the same inputs (%s), skipped; force it with --force \"['%s']\"",
+                        name, record, name)
+            return False, outputs_now
+        logger.info("stage %s: runs again: %s", name, "; ".join(why))
     record.unlink(missing_ok=True)
-    logger.info("stage %s: %s", name, config_file)
+    resuming = not force and (_read(started) or {}).get("inputs") == inputs
+    if resuming:
+        logger.info("stage %s: resuming an interrupted run with the same inputs", name)
+    else:
+        _clear(stage)
+    _write(started, {"inputs": inputs})
+    logger.info("stage %s: %s", name, ", ".join(inputs["configs"]))
     start = time.perf_counter()
-    workflow = ConfigWorkflow(config_file=config_file, workflow_type=None, run_id=run_id, **overrides)
+    workflow = ConfigWorkflow(config_file=stage["config_file"], workflow_type=None, run_id="run", **stage["overrides"])
     workflow.initialize()
     workflow.run()
     workflow.finalize()
-    missing = [o for o in outputs if not Path(o).exists()]
+    missing = [o for o in stage["outputs"] if not Path(o).exists()]
     if missing:
         raise DataError(f"stage {name} finished without writing {', '.join(missing)}")
     seconds = round(time.perf_counter() - start, 1)
-    with atomic_output(record) as tmp:
-        Path(tmp).write_text(json.dumps({"config_file": config_file, "outputs": list(outputs), "seconds": seconds}, indent=1))
+    outputs = _output_hashes(stage["outputs"])
+    _write(record, {"config_file": stage["config_file"], "inputs": inputs, "outputs": outputs, "seconds": seconds})
+    started.unlink(missing_ok=True)
     logger.info("stage %s: finished in %.1f s", name, seconds)
-    return True
+    return True, outputs
 
 
-def run_stages(
-    records_dir: str, stages: Sequence[dict], force: bool | Iterable[str] = False, skip: Iterable[str] = (),
-) -> list[str]:
-    """Run ``stages`` (dicts of :func:`run_stage` arguments, in order); returns the names that ran.
+def run_stages(records_dir: str, stages: Sequence[dict], force: bool | Iterable[str] = False,
+               skip: Iterable[str] = ()) -> list[str]:
+    """Run ``stages`` (see :func:`stage_graph`) in order; returns the names that ran.
 
-    ``force`` is True (all) or stage names; forcing a stage re-runs every later stage too, since their inputs change.
-    ``skip`` names stages whose outputs the user made some other way (e.g. a classifier trained alone with
-    ``train_cam.json``): they must exist, and the stage does not run.
+    Args:
+        records_dir: where the completion records go.
+        stages: the stage dicts.
+        force: True (all) or stage names to run from nothing; every later stage re-runs too, since its inputs change.
+        skip: stages whose outputs the user made some other way (e.g. a classifier trained alone with
+            ``train_cam.json``): they must exist, and the stage does not run.
     """
     names = [s["name"] for s in stages]
     forced = set(names) if force is True else set(force or ())
@@ -71,51 +228,21 @@ def run_stages(
     unknown = (forced | skipped) - set(names)
     if unknown:
         raise DataError(f"force/skip: unknown stage(s) {sorted(unknown)}; the stages are {names}")
-    ran: list[str] = []
+    code, upstream, ran, forcing = code_version(), {}, [], False
     for stage in stages:
-        if stage["name"] in skipped:
+        name = stage["name"]
+        if name in skipped:
             missing = [o for o in stage["outputs"] if not Path(o).exists()]
             if missing:
-                raise DataError(f"stage {stage['name']} is skipped but its output(s) {', '.join(missing)} do not exist")
-            logger.info("stage %s: skipped as asked; using %s", stage["name"], ", ".join(stage["outputs"]))
+                raise DataError(f"stage {name} is skipped but its output(s) {', '.join(missing)} do not exist")
+            logger.info("stage %s: skipped as asked; using %s", name, ", ".join(stage["outputs"]))
+            upstream[name] = _output_hashes(stage["outputs"])
             continue
-        must = stage["name"] in forced or bool(ran)
-        if run_stage(records_dir, **stage, force=must):
-            ran.append(stage["name"])
+        forcing = forcing or name in forced
+        did, upstream[name] = run_stage(records_dir, stage, upstream, code, force=forcing)
+        if did:
+            ran.append(name)
     return ran
-
-
-def self_training_stages(rounds: int, bundle_root: str, ckpt_dir: str, pseudo_dir: str, relabel: dict,
-                         segment: dict) -> list[dict]:
-    """The stages of ``rounds`` self-training rounds after the first segmentation (0 or False: none; True: one).
-
-    Round k (2 .. rounds + 1) relabels the training images with round k-1's network (``relabel.json``: its predictions
-    prompt SAM; masks in ``pseudo_dir/round<k>``) and trains a fresh network on those SAM masks, into
-    ``ckpt_dir/round<k>``; the last round's network is ``ckpt_dir/model.pt``, the first round's ``ckpt_dir/round1``.
-    ``relabel`` and ``segment`` are the overrides the rounds share.
-    """
-    if not isinstance(rounds, int) or rounds < 0:
-        raise DataError(f"self_training must be a number of rounds >= 0 (0: off), got {rounds!r}")
-    rounds, configs = int(rounds), Path(bundle_root) / "configs"
-    stages = []
-    for k in range(2, rounds + 2):
-        previous = f"{ckpt_dir}/round{k - 1}/model.pt"
-        masks = f"{pseudo_dir}/round{k}/datalist_pseudo.json"
-        ckpt = ckpt_dir if k == rounds + 1 else f"{ckpt_dir}/round{k}"
-        stages += [
-            {"name": f"relabel_round{k}", "config_file": [str(configs / "pseudo_label.json"), str(configs / "relabel.json")],
-             "outputs": [masks], "overrides": {**relabel, "seg_checkpoint": previous, "output_dir": str(Path(masks).parent)}},
-            {"name": f"segment_round{k}", "config_file": str(configs / "train.json"), "outputs": [f"{ckpt}/model.pt"],
-             "overrides": {**segment, "pseudo_datalist": masks, "ckpt_dir": ckpt, "layer_weights": [1.0]}},
-        ]
-    return stages
-
-
-def eval_split(datalist: str) -> str:
-    """The split evaluation reports on: ``test`` when its entries carry masks, else ``validation`` (GlaS dev)."""
-    data = json.loads(Path(datalist).read_text())
-    test = data.get("test") or []
-    return "test" if test and all("mask" in e for e in test) else "validation"
 
 
 def _score(value) -> str:

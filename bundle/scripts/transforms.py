@@ -89,7 +89,7 @@ class LoadPatchd(MapTransform):
         return np.ascontiguousarray(array.transpose(2, 0, 1))
 
     def _slide(self, path: str, d: Mapping) -> np.ndarray:
-        from .wsi import open_slide
+        from .wsi.reader import open_slide
 
         if path not in self._slides:
             self._slides[path] = open_slide(path, self.backend)

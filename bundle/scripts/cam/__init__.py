@@ -1,0 +1,1 @@
+"""Stage 1: the multi-label CAM classifier, its class activation maps and validation metrics."""

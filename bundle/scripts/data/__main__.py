@@ -1,0 +1,31 @@
+"""The dataset adapters' command line, run from the project root:
+``PYTHONPATH=bundle python -m scripts.data glas --data_dir ../shared/data/glas --output data/glas/datalist.json``.
+"""
+
+import logging
+import sys
+from collections.abc import Sequence
+
+import fire
+
+from ..errors import DataError
+from .adapters import bcss_wsss, from_csv, from_mask_folder, glas, luad_histoseg
+from .demo import prepare_demo
+from .slides import from_slides
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Fire command line; bad input ends with one clear line instead of a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    commands = {
+        "glas": glas, "luad_histoseg": luad_histoseg, "bcss_wsss": bcss_wsss, "from_csv": from_csv,
+        "from_mask_folder": from_mask_folder, "from_slides": from_slides, "demo": prepare_demo,
+    }
+    try:
+        fire.Fire(commands, command=argv)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Stage 4: whole-slide reading, tiled inference and the outputs QuPath and ASAP open."""

@@ -1,0 +1,263 @@
+"""Whole-slide inference at the model's magnification, tissue only, with memory bounded by the tile size.
+
+Why not ``PatchInferer`` + ``WSISlidingWindowSplitter`` + ``AvgMerger``: the merger holds the whole level's float
+output in RAM (it grows with the slide; ``ZarrAvgMerger`` needs zarr, which is not a requirement), the mergers
+average windows without Gaussian weights, windows skipped by the splitter's filter leave NaN, and the splitter reads
+patch after patch in the calling thread, so reading never overlaps compute. The equivalent MONAI path used here runs
+in three phases, each in its own module:
+
+1. plan (:func:`scripts.wsi.plan.plan_slide`): the inference grid is the pyramid level nearest to the model's
+   ``mpp`` (resampled from the next finer level when none is within ``mpp_tolerance``), cut into tiles a whole
+   number of window strides wide. Each tile is read with a margin of (roi - stride) / 2, so the windows of all tiles
+   lie on one global sliding-window grid: no window is computed twice, and no output pixel lies at a window's outer
+   edge. Only tiles that touch the low-resolution tissue mask are listed;
+2. predict (:func:`scripts.wsi.predict.predict`): the listed tiles are read by ``DataLoader`` workers (reading
+   overlaps the network), batched, the tissue mask travelling with each tile as a fourth channel. MONAI's
+   ``SlidingWindowInferer`` (Gaussian blending, ``sw_batch_size`` windows per network call) runs on each batch
+   through :class:`scripts.wsi.predict.TileModel`, which calls the network only on windows holding tissue. Each
+   tile's centre goes straight to disk (:class:`scripts.wsi.outputs.LabelStore`, and a ``.npy`` memory map of the
+   reduced probabilities);
+3. write (:mod:`scripts.wsi.outputs`): the pyramidal label TIFF, GeoJSON, overlay and summary are made from those.
+
+The input scaling and the activation are not defined here: they are the config's ``scale_intensity`` and
+``activation``, the same items MONAI Label's ``preprocessing`` and ``postprocessing`` apply, so the two paths cannot
+drift apart. Labels are the activation's argmax (as ``postprocessing``'s ``AsDiscreted``), 255 where there is no
+tissue (as in the demo slide's mask). Plain tiles (PNG/JPEG) go through the same code as one-level slides; they
+record no pixel size and are taken to be at the model's ``mpp``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..atomic import atomic_output
+from ..checkpoints import load_network
+from ..constants import NO_TISSUE
+from ..errors import DataError
+from .outputs import LabelStore, output_paths, reduced_labels, slide_summary, write_json, write_maps
+from .plan import SLIDE_SUFFIXES, TILE_SUFFIXES, Plan, TileDataset, plan_slide, tiling
+from .predict import TileModel, predict
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def find_inputs(input=None, input_dir=None) -> list[str]:
+    """Slides and tiles to infer, sorted, duplicates removed.
+
+    Args:
+        input: a path, a glob, a folder, or a list of them.
+        input_dir: a folder: its files with a slide or tile suffix.
+
+    Returns:
+        The paths (a missing file is kept, and reported when its turn comes).
+    """
+    specs = [] if input is None else [input] if isinstance(input, (str, os.PathLike)) else list(input)
+    specs += [] if input_dir is None else [input_dir]
+    if not specs:
+        raise DataError("no input: pass --input (a slide, a list, a glob or a folder) or --input_dir")
+    found = []
+    for spec in map(os.fspath, specs):
+        if os.path.isdir(spec):
+            names = sorted(os.listdir(spec))
+            paths = [os.path.join(spec, n) for n in names if n.lower().endswith(SLIDE_SUFFIXES + TILE_SUFFIXES)]
+            if not paths:
+                suffixes = ", ".join(SLIDE_SUFFIXES + TILE_SUFFIXES)
+                raise DataError(f"{spec}: no slides or tiles ({suffixes}) in the folder")
+        elif glob.has_magic(spec):
+            paths = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
+            if not paths:
+                raise DataError(f"{spec}: the pattern matches no file")
+        else:
+            paths = [spec]  # a missing file is reported, with the others, when its turn comes
+        found += paths
+    return list(dict.fromkeys(found))
+
+
+def shard(items) -> list:
+    """This process's share of ``items`` under ``torchrun``: every WORLD_SIZE-th item from RANK (all of them in a
+    single process). The process group's rank is used when one is initialised, else torchrun's environment.
+
+    Args:
+        items: the whole list (the same in every process).
+
+    Returns:
+        This rank's items.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return list(items)[rank::world]
+
+
+def load_weights(network: nn.Module, path, device) -> nn.Module:
+    """Load a state-dict checkpoint; ``path=None`` keeps the random weights (development only, said in the log).
+
+    Args:
+        network: the network to load into.
+        path: the checkpoint file, or None.
+        device: where to map the checkpoint's tensors.
+
+    Returns:
+        ``network``, loaded.
+    """
+    if path is None:
+        log.warning("no checkpoint (ckpt_path=None): running a randomly initialised network")
+        return network
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: model checkpoint not found; train first, or pass --ckpt_path '$None' to run a "
+                        "randomly initialised network (development only)")
+    return load_network(network, path, "segmentation model", device)
+
+# ------------------------------------------------------------------------------------------- inference
+
+
+class SlideInference:
+    """Whole-slide inference over a list of slides/tiles in three phases (see the module docstring); the config's
+    ``slide_inference``.
+
+    Args:
+        network: the segmentation network (logits), e.g. the config's ``network`` wrapped for test-time augmentation.
+        inferer: the config's ``SlidingWindowInferer``; its ``roi_size`` and ``overlap`` set the tiling.
+        classes: the class names, in label order.
+        scale_intensity: a dictionary transform on key ``"image"`` scaling the uint8 RGB for the network: the
+            config's ``scale_intensity``, which MONAI Label's ``preprocessing`` also applies.
+        activation: logits (B x C x h x w) to per-class probabilities, kept as the probability maps; the labels are
+            their argmax. The config's ``activation``, which MONAI Label's ``postprocessing`` also applies.
+        device: where the network runs.
+        mpp: the model's pixel size in micrometres (None: level 0 as it is).
+        slide_mpp: the pixel size of slides that record none (a recorded one wins).
+        mpp_tolerance: a pyramid level within this ratio of ``mpp`` is used as it is; otherwise the grid is resampled.
+        backend: the slide reader's backend (``"cucim"`` or ``"openslide"``).
+        tile_size: the tile side in grid pixels, rounded to a whole number of window strides and of
+            ``prob_downsample``.
+        batch_size: tiles per batch.
+        num_workers: DataLoader workers reading tiles (0: read in this process).
+        prob_downsample: the probability map's reduction relative to the grid.
+        amp: autocast the network (CUDA only).
+        progress: show a progress bar per slide.
+        overwrite: redo slides whose summary exists.
+    """
+
+    def __init__(
+        self, network: nn.Module, inferer, classes, scale_intensity: Callable, activation: Callable, device="cpu",
+        mpp: float | None = 0.5, slide_mpp: float | None = None, mpp_tolerance: float = 0.1, backend: str = "cucim",
+        tile_size: int = 1024, batch_size: int = 2, num_workers: int = 1, prob_downsample: int = 8, amp: bool = False,
+        progress: bool = True, overwrite: bool = False,
+    ):
+        if mpp is not None and not mpp > 0 or slide_mpp is not None and not slide_mpp > 0:
+            raise DataError(f"mpp and slide_mpp must be positive (or None), got mpp={mpp}, slide_mpp={slide_mpp}")
+        if prob_downsample < 1 or tile_size < 1 or batch_size < 1 or num_workers < 0:
+            raise DataError("prob_downsample, tile_size and batch_size must be >= 1 and num_workers >= 0")
+        self.classes, self.device = list(classes), torch.device(device)
+        self.roi, self.margin, self.tile = tiling(inferer.roi_size, inferer.overlap, tile_size, prob_downsample)
+        self.model = TileModel(network, inferer, scale_intensity, activation, len(self.classes),
+                               amp and self.device.type == "cuda")
+        self.mpp, self.slide_mpp, self.mpp_tolerance = mpp, slide_mpp, mpp_tolerance
+        self.backend, self.batch_size, self.num_workers = backend, batch_size, num_workers
+        self.prob_downsample, self.progress, self.overwrite = prob_downsample, progress, overwrite
+
+    def __call__(self, inputs, output_dir) -> list[dict]:
+        """Infer every input; a failing input is logged and the others go on.
+
+        Args:
+            inputs: slide and tile paths (their names must differ: they name the outputs).
+            output_dir: the output folder, created if needed.
+
+        Returns:
+            The slides' summaries.
+
+        Raises:
+            DataError: at the end, naming the inputs that failed.
+        """
+        output_dir = _writable(output_dir)
+        inputs = [os.fspath(p) for p in inputs]
+        stems = [Path(p).stem for p in inputs]
+        twice = sorted({s for s in stems if stems.count(s) > 1})
+        if twice:
+            raise DataError(f"several inputs share the name {twice}: their outputs would collide; "
+                            "infer them separately")
+        summaries, failed = [], []
+        for path in inputs:
+            try:
+                summaries.append(self.infer(path, output_dir))
+            except DataError as e:
+                log.error("%s", e)
+                failed.append(str(e))
+        if failed:
+            raise DataError(f"{len(failed)} of {len(inputs)} inputs failed:\n" + "\n".join(failed))
+        return summaries
+
+    @property
+    def network(self) -> nn.Module:
+        return self.model.network
+
+    def plan(self, path: str) -> Plan:
+        """Phase 1 (:func:`scripts.wsi.plan.plan_slide`) with this inference's tiling and pixel sizes."""
+        return plan_slide(path, tile=self.tile, margin=self.margin, model_mpp=self.mpp, slide_mpp=self.slide_mpp,
+                          mpp_tolerance=self.mpp_tolerance, backend=self.backend)
+
+    def loader(self, plan: Plan) -> torch.utils.data.DataLoader:
+        """The plan's tissue tiles, batched, read by ``num_workers`` workers."""
+        workers = self.num_workers if plan.tiles else 0
+        return torch.utils.data.DataLoader(TileDataset(plan, self.backend), batch_size=self.batch_size,
+                                           num_workers=workers, prefetch_factor=4 if workers else None)
+
+    def infer(self, path: str, output_dir: str | os.PathLike) -> dict:
+        """Infer one slide or tile and write its five outputs (atomically, as a set); returns the summary."""
+        start, output_dir, name = time.time(), Path(output_dir), Path(path).stem
+        out = output_paths(output_dir, name)
+        if out["summary"].exists() and not self.overwrite:
+            log.info("%s: done before (%s exists); pass --overwrite True to redo", path, out["summary"])
+            return {"slide": path, "skipped": True}
+        plan = self.plan(path)
+        grid, f = plan.grid, self.prob_downsample
+        if not plan.tiles:
+            log.warning("%s: no tissue found; writing empty outputs (all labels %d)", path, NO_TISSUE)
+        windows_before = self.model.windows
+        with contextlib.ExitStack() as stack:
+            tmp = {key: stack.enter_context(atomic_output(p)) for key, p in reversed(out.items())}  # summary last
+            fd, scratch = tempfile.mkstemp(dir=output_dir, prefix=f".{name}.", suffix=".labels.tmp")
+            os.close(fd)
+            labels = LabelStore(scratch, grid.height, grid.width)
+            stack.callback(labels.close)
+            probabilities = np.lib.format.open_memmap(
+                tmp["probabilities"], "w+", np.float16, (len(self.classes), -(-grid.height // f), -(-grid.width // f)))
+            self.network.eval()
+            counts = predict(plan, self.loader(plan), self.model, labels, probabilities, f, self.device, self.progress)
+            probabilities.flush()
+            reduced = reduced_labels(probabilities)
+            del probabilities  # unmapped before the TIFF is written
+            polygons = write_maps(tmp, plan, labels, reduced, self.classes, f)
+            summary = slide_summary(plan, self.classes, counts, model_mpp=self.mpp, prob_downsample=f,
+                                    windows=self.model.windows - windows_before, polygons=polygons,
+                                    seconds=time.time() - start, outputs=out)
+            write_json(tmp["summary"], summary)
+        log.info("%s: %s", path, summary["message"])
+        return summary
+
+
+def _writable(output_dir) -> Path:
+    """The output folder, created; DataError when it cannot be written (checked before any slide is read)."""
+    output_dir = Path(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        raise DataError(f"{output_dir}: the output folder cannot be written ({e.strerror or e})") from e
+    return output_dir
