@@ -32,15 +32,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
+BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
+sys.path.insert(0, str(BUNDLE))
 
+from monai.bundle import ConfigParser  # noqa: E402
 from monai.inferers import SlidingWindowInferer  # noqa: E402
 from monai.networks.nets import FlexibleUNet  # noqa: E402
 
 import scripts.seg.net  # noqa: E402,F401  (registers efficientnet-lite0)
-from scripts.wsi.pyramid_tiff import write_pyramidal_tiff  # noqa: E402
-from scripts.wsi.inference import SlideInference  # noqa: E402
 from scripts.data.render import CLASSES, make_slide_array  # noqa: E402
+from scripts.wsi.inference import SlideInference  # noqa: E402
+from scripts.wsi.pyramid_tiff import write_pyramidal_tiff  # noqa: E402
 
 SLIDE_MPP, MODEL_MPP, RENDER_FACTOR, TISSUE = 0.25, 1.0, 4, 0.3
 OVERLAP = 0.25
@@ -71,8 +73,8 @@ def make_slide(path: Path, size: int, seed: int) -> Path:
                                      tissue_fraction=TISSUE, scale=0.5)
         write_pyramidal_tiff(path, Upsampled(canvas, RENDER_FACTOR), mpp=SLIDE_MPP, quality=80,
                              description=f"synthetic benchmark slide {size} x {size}")
-        print(f"generated {path.name} ({size} x {size}, {path.stat().st_size / 1e6:.0f} MB) in {time.time() - start:.0f} s",
-              flush=True)
+        print(f"generated {path.name} ({size} x {size}, {path.stat().st_size / 1e6:.0f} MB) "
+              f"in {time.time() - start:.0f} s", flush=True)
     return path
 
 
@@ -82,7 +84,10 @@ def network(device) -> torch.nn.Module:
 
 
 def ours(device, roi: int, num_workers: int = 1) -> SlideInference:
+    """Slide inference with the input scaling and activation of the bundle's inference.json."""
+    config = ConfigParser(ConfigParser.load_config_file(BUNDLE / "configs" / "inference.json"))
     return SlideInference(network(device), SlidingWindowInferer(roi, SW_BATCH, OVERLAP, mode="gaussian"), CLASSES,
+                          config.get_parsed_content("scale_intensity"), config.get_parsed_content("activation"),
                           device=device, mpp=MODEL_MPP, num_workers=num_workers, amp=device.type == "cuda",
                           progress=False, overwrite=True)
 
@@ -179,8 +184,10 @@ def main() -> None:
 
     rss = {}
     for name, path in (("small", small), ("large", large)):
-        child = subprocess.run([sys.executable, __file__, "--device", args.device, "--roi", str(args.roi), "--rss-child", str(path), str(work / f"rss_{name}")],
-                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+        command = [sys.executable, __file__, "--device", args.device, "--roi", str(args.roi),
+                   "--rss-child", str(path), str(work / f"rss_{name}")]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        child = subprocess.run(command, capture_output=True, text=True, env=env)
         if child.returncode:
             raise SystemExit(child.stderr[-3000:])
         rss[name] = json.loads(child.stdout.strip().splitlines()[-1])
@@ -191,7 +198,8 @@ def main() -> None:
           f"{summary['level']}, {summary['mpp']} um/px); tissue {tissue_mp:.2f} MP "
           f"({100 * tissue_mp / (grid[0] * grid[1] / 1e6):.0f} % of the grid); device {device}, "
           f"{torch.get_num_threads()} torch thread(s); windows {si.roi} px, overlap {OVERLAP}, {SW_BATCH} per call")
-    print(f"tiles inferred {summary['tiles_inferred']} of {summary['tiles_total']}, windows {summary['windows_inferred']} of {total}")
+    print(f"tiles inferred {summary['tiles_inferred']} of {summary['tiles_total']}, "
+          f"windows {summary['windows_inferred']} of {total}")
     print(f"(a) ours                {t_ours:7.1f} s  {rate(t_ours):6.3f} tissue MP/s")
     note = "" if done == total else f"  (timed on {done} of {total} windows, extrapolated)"
     print(f"(b) naive               {t_naive_all:7.1f} s  {rate(t_naive_all):6.3f} tissue MP/s{note}")
@@ -200,8 +208,9 @@ def main() -> None:
     print(f"    network only        {t_net:7.1f} s  {rate(t_net):6.3f} tissue MP/s")
     print(f"    ours / slower of the two: {max(t_read, t_net) / t_ours:.2f}")
     ratio = rss["large"]["main_mb"] / rss["small"]["main_mb"]
-    print(f"peak RSS main process: small {rss['small']['main_mb']:.0f} MB, large (4x area) {rss['large']['main_mb']:.0f} MB, "
-          f"ratio {ratio:.3f}; DataLoader worker: {rss['small']['worker_mb']:.0f} / {rss['large']['worker_mb']:.0f} MB")
+    print(f"peak RSS main process: small {rss['small']['main_mb']:.0f} MB, "
+          f"large (4x area) {rss['large']['main_mb']:.0f} MB, ratio {ratio:.3f}; "
+          f"DataLoader worker: {rss['small']['worker_mb']:.0f} / {rss['large']['worker_mb']:.0f} MB")
     print(f"whole run {time.time() - started:.0f} s")
 
 

@@ -4,26 +4,19 @@ Why not ``PatchInferer`` + ``WSISlidingWindowSplitter`` + ``AvgMerger``: the mer
 output in RAM (it grows with the slide; ``ZarrAvgMerger`` needs zarr, which is not a requirement), the mergers
 average windows without Gaussian weights, windows skipped by the splitter's filter leave NaN, and the splitter reads
 patch after patch in the calling thread, so reading never overlaps compute. The equivalent MONAI path used here runs
-in three phases, each in its own module:
+in three phases, each testable alone:
 
-1. plan (:func:`scripts.wsi.plan.plan_slide`): the inference grid is the pyramid level nearest to the model's
-   ``mpp`` (resampled from the next finer level when none is within ``mpp_tolerance``), cut into tiles a whole
-   number of window strides wide. Each tile is read with a margin of (roi - stride) / 2, so the windows of all tiles
-   lie on one global sliding-window grid: no window is computed twice, and no output pixel lies at a window's outer
-   edge. Only tiles that touch the low-resolution tissue mask are listed;
-2. predict (:func:`scripts.wsi.predict.predict`): the listed tiles are read by ``DataLoader`` workers (reading
-   overlaps the network), batched, the tissue mask travelling with each tile as a fourth channel. MONAI's
-   ``SlidingWindowInferer`` (Gaussian blending, ``sw_batch_size`` windows per network call) runs on each batch
-   through :class:`scripts.wsi.predict.TileModel`, which calls the network only on windows holding tissue. Each
-   tile's centre goes straight to disk (:class:`scripts.wsi.outputs.LabelStore`, and a ``.npy`` memory map of the
-   reduced probabilities);
-3. write (:mod:`scripts.wsi.outputs`): the pyramidal label TIFF, GeoJSON, overlay and summary are made from those.
+1. plan (:mod:`scripts.wsi.plan`): the inference grid at the model's ``mpp``, cut into tiles whose windows all lie on
+   one global sliding-window grid, and the tiles that touch the low-resolution tissue mask;
+2. predict (:mod:`scripts.wsi.predict`): those tiles, read by ``DataLoader`` workers so that reading overlaps the
+   network, through MONAI's ``SlidingWindowInferer`` (Gaussian blending) on the windows that hold tissue; each
+   tile's centre goes straight to disk (labels and reduced probabilities);
+3. write (:mod:`scripts.wsi.outputs`): the pyramidal label TIFF, GeoJSON, overlay and summary made from those.
 
 The input scaling and the activation are not defined here: they are the config's ``scale_intensity`` and
 ``activation``, the same items MONAI Label's ``preprocessing`` and ``postprocessing`` apply, so the two paths cannot
 drift apart. Labels are the activation's argmax (as ``postprocessing``'s ``AsDiscreted``), 255 where there is no
-tissue (as in the demo slide's mask). Plain tiles (PNG/JPEG) go through the same code as one-level slides; they
-record no pixel size and are taken to be at the model's ``mpp``.
+tissue (as in the demo slide's mask). Plain tiles (PNG/JPEG) go through the same code as one-level slides.
 """
 
 from __future__ import annotations
