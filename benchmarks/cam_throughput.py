@@ -2,11 +2,12 @@
 
     python benchmarks/cam_throughput.py [--datalist D] [--input_size 224] [--batch_size 16] [--iterations 20]
 
-Two runs in one process: the bundle's SupervisedTrainer from ``train_cam.json`` reading real patches
-(loader, augmentation, forward, backward, AdamW; no validation), and, as the baseline, the same network,
+Two runs in one process: the bundle's SupervisedTrainer from ``common.json`` + ``train_cam.json`` reading real
+patches (loader, augmentation, forward, backward, AdamW; no validation), and, as the baseline, the same network,
 loss and optimiser on a random batch already in memory. Their ratio is the share of the model's speed the
-data pipeline lets through. Without ``--datalist`` it uses GlaS from ../shared/data if present (via the
-GlaS adapter) or else the synthetic demo, both written to a temporary folder.
+data pipeline lets through. ``--input_size`` sets the config's ``cam_input_size``. Without ``--datalist`` it uses
+GlaS from ../shared/data if present (via the GlaS adapter) or else the synthetic demo, both written to a
+temporary folder.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ os.environ.setdefault("CUFILE_LOGFILE_PATH", os.devnull)
 from ignite.engine import Events  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
 
+CONFIGS = ROOT / "bundle" / "configs"
 GLAS = ROOT.parent / "shared" / "data" / "glas"
 
 
@@ -44,7 +46,7 @@ def default_datalist(tmp: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datalist")
-    ap.add_argument("--input_size", type=int, default=224)
+    ap.add_argument("--input_size", type=int, default=224, help="the CAM network's input size (cam_input_size)")
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
@@ -53,10 +55,10 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
 
     with tempfile.TemporaryDirectory() as tmp:
-        parser = ConfigParser(ConfigParser.load_config_file(ROOT / "bundle" / "configs" / "train_cam.json"))
+        parser = ConfigParser(ConfigParser.load_config_files([CONFIGS / "common.json", CONFIGS / "train_cam.json"]))
         parser.update({
             "bundle_root": str(ROOT / "bundle"), "datalist": args.datalist or default_datalist(tmp),
-            "input_size": args.input_size, "batch_size": args.batch_size, "num_workers": args.num_workers,
+            "cam_input_size": args.input_size, "batch_size": args.batch_size, "num_workers": args.num_workers,
             "train#handlers": [], "train#trainer#epoch_length": args.warmup + args.iterations,
             "train#trainer#max_epochs": 1,
         })

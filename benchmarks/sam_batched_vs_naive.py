@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT / "bundle"))
 
 from scripts.atomic import atomic_output  # noqa: E402
 from scripts.images import read_mask, read_rgb  # noqa: E402
-from scripts.sam.prompts import cam_prompts  # noqa: E402
 from scripts.sam.masks import sam_pseudo_mask  # noqa: E402
 from scripts.sam.model import load_sam  # noqa: E402
+from scripts.sam.prompts import cam_prompts  # noqa: E402
 
 
 def colour_cams(image: np.ndarray, sigma: float = 6.0) -> np.ndarray:

@@ -21,7 +21,10 @@ from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bundle"))
+sys.path.insert(0, str(ROOT / "tools"))
 os.environ.setdefault("CUFILE_LOGFILE_PATH", os.devnull)
+
+from figures import save_png  # noqa: E402
 
 from scripts.data.slides import from_slides  # noqa: E402
 from scripts.wsi.reader import level_downsample, open_slide, read_lowres, tissue_mask  # noqa: E402
@@ -67,8 +70,7 @@ def main() -> None:
         (3, 2), f"{slide.name}: tissue mask (green), {len(data['training'])} kept {a.patch_size}px patches (blue)",
         fill=(0, 0, 0),
     )
-    Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-    img.quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(a.output, optimize=True)
+    save_png(img, a.output, colors=128)
     print(f"{a.output}: {img.size[0]}x{img.size[1]}, {os.path.getsize(a.output) / 1024:.0f} KB")
 
 

@@ -4,7 +4,11 @@ baselines that learn nothing, and the overlay figure.
     python tools/glas_cam_eval.py --datalist GLAS_DATALIST --checkpoint models/cam_best.pt [--input_size 112]
         [--tta none] [--output eval/glas_cam.json] [--figure bundle/docs/cam_overlay.png]
 
-- Classification: the bundle's own ``validate#evaluator`` from ``train_cam.json`` on the validation patches.
+``--input_size`` is the training run's ``cam_input_size`` (``--cam_input_size 112`` of
+``python -m monai.bundle run --config_file "['bundle/configs/common.json','bundle/configs/train_cam.json']"``).
+
+- Classification: the bundle's own ``validate#evaluator`` from ``common.json`` + ``train_cam.json`` (``--config``) on
+  the validation patches.
 - Segmentation, OEEM protocol (intersection and union of each class summed over all dev images, then the
   mean), plus the mean per-image Dice of the gland class:
   * CAM: each dev image in 112-px windows with stride 56 (the training patch grid); per window the maps of
@@ -35,9 +39,12 @@ from skimage.color import rgb2hed
 from skimage.filters import threshold_otsu
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "bundle" / "configs"
 sys.path.insert(0, str(ROOT / "bundle"))
+sys.path.insert(0, str(ROOT / "tools"))
 os.environ.setdefault("CUFILE_LOGFILE_PATH", os.devnull)
 
+from figures import save_png  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
 from monai.data import load_decathlon_datalist  # noqa: E402
 
@@ -90,8 +97,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datalist", required=True)
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--config", default=str(ROOT / "bundle" / "configs" / "train_cam.json"))
-    ap.add_argument("--input_size", type=int, default=224, help="the network input size it was trained with")
+    ap.add_argument("--config", nargs="+", default=[str(CONFIGS / "common.json"), str(CONFIGS / "train_cam.json")],
+                    help="the training run's config files, merged in order")
+    ap.add_argument("--input_size", type=int, default=224,
+                    help="the network input size it was trained with (its cam_input_size)")
     ap.add_argument("--window", type=int, default=112)
     ap.add_argument("--tta", default="none")
     ap.add_argument("--output", default=str(ROOT / "eval" / "glas_cam.json"))
@@ -100,9 +109,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
-    parser = ConfigParser(ConfigParser.load_config_file(args.config))
+    parser = ConfigParser(ConfigParser.load_config_files(args.config))
     parser.update({"bundle_root": str(ROOT / "bundle"), "datalist": args.datalist, "pretrained": False,
-                   "input_size": args.input_size, "progress_bar": False, "num_workers": 1, "validate#handlers": []})
+                   "cam_input_size": args.input_size, "progress_bar": False, "num_workers": 1, "validate#handlers": []})
     network = load_network(parser.get_parsed_content("network"), args.checkpoint, "CAM classifier")
     classes = parser.get_parsed_content("classes")
     gland = classes.index("gland")
@@ -134,7 +143,8 @@ def main() -> None:
             cms[name] += confusion(pred, gt, n)
             dices[name].append(dice(pred, gt, gland))
         if k < args.figure_images:
-            rows.append(overlay_row(rgb, maps[0, gland].numpy(), (preds[LAYERS[0]] == gland).astype(int), (gt == gland).astype(int)))
+            rows.append(overlay_row(rgb, maps[0, gland].numpy(), (preds[LAYERS[0]] == gland).astype(int),
+                                    (gt == gland).astype(int)))
         print(f"{k + 1}/{len(images)} {Path(image_path).name}: CAM gland Dice {dices[LAYERS[0]][-1]:.3f}", flush=True)
     result["segmentation_seconds"] = round(time.time() - t, 1)
     result["segmentation"] = {name: scores(cm, dices[name], classes) for name, cm in cms.items()}
@@ -149,8 +159,7 @@ def main() -> None:
     draw = ImageDraw.Draw(figure)
     for i, title in enumerate(["image", "CAM (gland)", "CAM mask (arg-max)", "ground truth"]):
         draw.text((i * width // 4 + 6, 6), title, fill=(0, 0, 0))
-    Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
-    figure.save(args.figure)
+    save_png(figure, args.figure)
     print(f"wrote {args.output} and {args.figure}")
 
 

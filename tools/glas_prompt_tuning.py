@@ -6,18 +6,21 @@ variant costs one SAM decode per image instead of a whole pseudo-label run; each
     # CAMs of the dev images: the pseudo-label stage on a datalist whose training split is GlaS dev, no refinement
     python -c "import json; d = json.load(open('data/glas/datalist.json')); d['training'] = d['validation']; \\
         json.dump(d, open('data/glas/datalist_dev.json', 'w'))"
-    python -m monai.bundle run --config_file bundle/configs/pseudo_label.json --bundle_root bundle \\
-        --datalist data/glas/datalist_dev.json --cam_checkpoint CAM.pt --input_size 112 --sam_classes "['gland']" \\
+    python -m monai.bundle run --bundle_root bundle \\
+        --config_file "['bundle/configs/common.json','bundle/configs/pseudo_label.json']" \\
+        --datalist data/glas/datalist_dev.json --cam_checkpoint CAM.pt --cam_input_size 112 --sam_classes "['gland']" \\
         --refine_iterations 0 --output_dir OUT
     python tools/glas_prompt_tuning.py --datalist data/glas/datalist_dev.json --output_dir OUT \\
-        --set '{"sam_classes": ["gland"], "input_size": 112}' --variants '[{}, {"ids_threshold": 0.5}]'
+        --set '{"sam_classes": ["gland"], "cam_input_size": 112}' --variants '[{}, {"ids_threshold": 0.5}]'
 
-Each variant is a JSON object of ``pseudo_label.json`` overrides (``prompts#margin`` style keys reach nested ones),
-applied on top of ``--set``; only ``rules`` is rebuilt per variant (SAM and its cached embeddings come from ``--set``,
-so a SAM setting belongs there). For a self-training round the maps are a segmentation network's: make them with
-``--config_file "['bundle/configs/pseudo_label.json','bundle/configs/relabel.json']" --seg_checkpoint MODEL.pt`` and
-pass both files to ``--config``. Ground truth is read only to score (OEEM mIoU, ignore pixels take the CAM arg-max, as in
-``glas_pseudo_eval.py``); choose on dev. On the training images its scores are a report, never a reason to choose.
+Each variant is a JSON object of config overrides (keys of ``common.json`` or ``pseudo_label.json``; ``prompts#margin``
+style keys reach nested ones), applied on top of ``--set``; only ``rules`` is rebuilt per variant (SAM and its cached
+embeddings come from ``--set``, so a SAM setting belongs there). For a self-training round the maps are a
+segmentation network's: make them with
+``--config_file "['bundle/configs/common.json','bundle/configs/pseudo_label.json','bundle/configs/relabel.json']"
+--seg_checkpoint MODEL.pt`` and pass the same three files to ``--config``. Ground truth is read only to score (OEEM
+mIoU, ignore pixels take the CAM arg-max, as in ``glas_pseudo_eval.py``); choose on dev. On the training images its
+scores are a report, never a reason to choose.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "bundle" / "configs"
 sys.path.insert(0, str(ROOT / "bundle"))
 sys.path.insert(0, str(ROOT / "tools"))
 
@@ -40,17 +44,18 @@ from monai.data import load_decathlon_datalist  # noqa: E402
 
 from scripts.data.datalist import read_classes  # noqa: E402
 from scripts.images import read_mask  # noqa: E402
-from scripts.sam.outputs import Outputs, pseudo_items  # noqa: E402
 from scripts.sam.labeler import load_cams  # noqa: E402
 from scripts.sam.masks import IGNORE  # noqa: E402
+from scripts.sam.outputs import Outputs, pseudo_items  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datalist", required=True, help="its training split: the images the CAMs were made for (dev)")
     ap.add_argument("--output_dir", required=True, help="the pseudo-label run's output_dir (its cams/ are read)")
-    ap.add_argument("--config", nargs="+", default=[str(ROOT / "bundle" / "configs" / "pseudo_label.json")],
-                    help="the run's config file(s), e.g. pseudo_label.json relabel.json for a self-training round")
+    ap.add_argument("--config", nargs="+", default=[str(CONFIGS / "common.json"), str(CONFIGS / "pseudo_label.json")],
+                    help="the run's config files, merged in order, e.g. common.json pseudo_label.json relabel.json for "
+                         "a self-training round")
     ap.add_argument("--set", default="{}", help="JSON of the run's config overrides")
     ap.add_argument("--variants", default="[{}]", help="JSON list of override objects, one per variant")
     ap.add_argument("--report", default=None, help="default: OUTPUT_DIR/glas_prompt_tuning.json")
@@ -67,8 +72,8 @@ def main() -> None:
     items = pseudo_items(args.datalist)
     cams = {item["name"]: load_cams(out.cam(item["name"])) for item in items}
     truth = {item["name"]: read_mask(masks[item["image"]]) for item in items}
-    argmax = {item["name"]: np.where(np.asarray(item["label"], bool)[:, None, None], cams[item["name"]], -np.inf).argmax(0)
-              for item in items}
+    argmax = {item["name"]: np.where(np.asarray(item["label"], bool)[:, None, None], cams[item["name"]],
+                                     -np.inf).argmax(0) for item in items}
     cam_miou = miou(sum(confusion(argmax[name], truth[name], n) for name in cams))[0]
 
     results = []

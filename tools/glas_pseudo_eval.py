@@ -2,13 +2,16 @@
 (a) the CAM alone, (b) CAM -> LiteMedSAM, (c) each decoder refinement round, all from one run's output_dir, and the
 figure (image, CAM, prompts, masks, ground truth).
 
-    python -m monai.bundle run --config_file bundle/configs/pseudo_label.json --bundle_root bundle \\
-        --datalist GLAS_DATALIST --cam_checkpoint CAM.pt --input_size 112 --output_dir OUT --sam_classes "['gland']"
-    python tools/glas_pseudo_eval.py --datalist GLAS_DATALIST --output_dir OUT \
-        --set '{"sam_classes": ["gland"], "input_size": 112}' [--figure bundle/docs/pseudo_labels_glas.png]
+    python -m monai.bundle run --bundle_root bundle \\
+        --config_file "['bundle/configs/common.json','bundle/configs/pseudo_label.json']" \\
+        --datalist GLAS_DATALIST --cam_checkpoint CAM.pt --cam_input_size 112 --output_dir OUT --sam_classes "['gland']"
+    python tools/glas_pseudo_eval.py --datalist GLAS_DATALIST --output_dir OUT \\
+        --set '{"sam_classes": ["gland"], "cam_input_size": 112}' [--figure bundle/docs/pseudo_labels_glas.png]
 
-``--set`` repeats every override of the run that changes the prompts (the figure and ``prompts_per_image`` redraw them
-from the saved CAMs), ``input_size`` included: it sets the CAM cell that ``min_area`` (and ``min_distance``, when set) derive from.
+``--config`` takes the run's config files (default ``common.json pseudo_label.json``; add ``relabel.json`` for a
+self-training round). ``--set`` repeats every override of the run that changes the prompts (the figure and
+``prompts_per_image`` redraw them from the saved CAMs), ``cam_input_size`` included: it sets the CAM cell that
+``min_area`` (and ``min_distance``, when set) derive from.
 In GlaS a gland is the object SAM outlines; "non-gland" is the stroma and lumen around it.
 OEEM protocol: per class, intersection and union summed over all images, then the mean over the classes.
 - ``miou``: ignore (255) pixels take the CAM's arg-max over the tagged classes, so every row labels every pixel and
@@ -28,18 +31,20 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "bundle" / "configs"
 sys.path.insert(0, str(ROOT / "bundle"))
 sys.path.insert(0, str(ROOT / "tools"))
 
+from figures import save_png  # noqa: E402
 from glas_cam_eval import confusion, heat  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
 from monai.data import load_decathlon_datalist  # noqa: E402
 
 from scripts.data.datalist import read_classes  # noqa: E402
 from scripts.images import read_mask, read_rgb  # noqa: E402
-from scripts.sam.outputs import Outputs, pseudo_items  # noqa: E402
 from scripts.sam.labeler import load_cams  # noqa: E402
 from scripts.sam.masks import IGNORE  # noqa: E402
+from scripts.sam.outputs import Outputs, pseudo_items  # noqa: E402
 from scripts.seg.metrics import scores  # noqa: E402
 
 COLOURS = np.array([[255, 255, 255], [0, 150, 60]], np.uint8)  # non-gland white, gland green; ignore grey
@@ -86,14 +91,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datalist", required=True)
     ap.add_argument("--output_dir", required=True, help="the pseudo-label run's output_dir")
-    ap.add_argument("--config", default=str(ROOT / "bundle" / "configs" / "pseudo_label.json"))
+    ap.add_argument("--config", nargs="+", default=[str(CONFIGS / "common.json"), str(CONFIGS / "pseudo_label.json")],
+                    help="the run's config files, merged in order, e.g. common.json pseudo_label.json relabel.json for "
+                         "a self-training round")
     ap.add_argument("--set", default="{}", help="JSON of the run's config overrides that change the prompts")
     ap.add_argument("--report", default=None, help="default: OUTPUT_DIR/glas_pseudo_eval.json")
     ap.add_argument("--figure", default=None, help="where to save the figure (none without it)")
     ap.add_argument("--figure_images", type=int, default=4, help="the first N training images")
     args = ap.parse_args()
 
-    parser = ConfigParser(ConfigParser.load_config_file(args.config))
+    parser = ConfigParser(ConfigParser.load_config_files(args.config))
     parser.update({"bundle_root": str(ROOT / "bundle"), "datalist": args.datalist, "output_dir": args.output_dir,
                    **json.loads(args.set)})
     rules, rounds = parser.get_parsed_content("rules"), parser.get_parsed_content("refine_iterations")
@@ -147,8 +154,9 @@ def main() -> None:
         draw = ImageDraw.Draw(figure)
         for j, title in enumerate(titles):
             draw.text((j * PANEL + 6, 5), title, fill=(0, 0, 0))
-        figure.save(args.figure)
+        save_png(figure, args.figure)
         print(f"wrote {args.figure}")
+
 
 if __name__ == "__main__":
     main()
