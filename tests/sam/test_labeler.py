@@ -28,6 +28,7 @@ from scripts.data.demo import prepare_demo
 from scripts.transforms import LoadPatchd
 
 CONFIG = configs("pseudo_label.json")
+RULES = {"ids_threshold": 0.9, "confidence": 0.0, "disagreement": 0.5, "box_rule": True}  # EP-SAM's filter
 TINY = {"sam_backend": "tiny", "sam_image_size": 64, "cam_input_size": 32, "progress_bar": False, "refine_iterations": 0,
         "prompts#min_area": 16}
 
@@ -146,7 +147,7 @@ def test_an_interrupted_refinement_loads_its_saved_decoder_and_writes_only_missi
 @pytest.fixture(scope="module")
 def handler(tmp_path_factory):
     sam = load_sam("tiny", image_size=64)
-    return PseudoLabelHandler([], tmp_path_factory.mktemp("out"), sam, Rules(prompt_args={"min_area": 4}), 2,
+    return PseudoLabelHandler([], tmp_path_factory.mktemp("out"), sam, Rules(**RULES, prompt_args={"min_area": 4}), 2,
                                  Embeddings(sam))
 
 
@@ -210,7 +211,7 @@ def test_sam_classes_pick_the_prompted_classes_in_both_passes(demo, tmp_path):
     pseudo = np.where(cams[1] > cams[0], 1, 0).astype(np.uint8)
     tags = np.array([True, True, False])
     for objects, classes in ((None, {0, 1}), ([1], {1})):
-        r = Rules(prompt_args={"min_area": 4, "min_distance": 8}, objects=objects)
+        r = Rules(**RULES, prompt_args={"min_area": 4, "min_distance": 8}, objects=objects)
         assert set(r.prompts("x", cams, tags).classes.tolist()) == classes  # CAM prompts, first pass and rounds
         assert set(r.mask_prompts("x", pseudo, tags, 1).classes.tolist()) == classes  # the decoder's training prompts
     with pytest.raises(DataError, match=r"sam_classes \['tumour'\] are not among"):

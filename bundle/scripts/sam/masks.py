@@ -99,10 +99,10 @@ def sam_pseudo_mask(
     classes,
     cams,
     tags,
-    cam_threshold: float = 0.5,
-    ids_threshold: float = 0.9,
-    disagreement: float = 0.5,
-    confidence: float = 0.5,
+    cam_threshold: float,
+    ids_threshold: float,
+    disagreement: float,
+    confidence: float,
     boxes=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """EP-SAM: keep a SAM mask only if at least ``ids_threshold`` of it lies in its class's CAM region

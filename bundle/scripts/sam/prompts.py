@@ -62,11 +62,11 @@ def cam_prompts(
     cams: np.ndarray,
     tags,
     threshold: float = 0.5,
-    margin: int = 5,
-    n_positive: int = 1,
-    n_negative: int = 1,
-    min_area: int = 64,
-    max_components: int | None = 32,
+    margin: int = 0,
+    n_positive: int = 0,
+    n_negative: int = 0,
+    min_area: int = 1,
+    max_components: int | None = None,
     min_distance: int | None = None,
     objects=None,
     rng: np.random.Generator | int | None = 0,
@@ -83,6 +83,8 @@ def cam_prompts(
     confident pixel), the others are drawn inside it with probability proportional to the CAM; ``n_negative``
     points inside the box where another tagged class's CAM dominates, proportional to that CAM (a negative point
     outside the box tells SAM nothing). ``rng``: a seed or generator, so the same CAMs always give the same prompts.
+    The defaults add nothing (a tight box around every component, no points); the tuned values are pseudo_label.json's
+    ``prompts``, their one place.
     """
     cams = np.nan_to_num(np.asarray(cams, np.float32))
     tags = np.asarray(tags).astype(bool)

@@ -43,8 +43,8 @@ class DecoderRefinement:
     """
 
     def __init__(self, sam: SegmentAnything, items: Sequence[dict], output_dir: str | os.PathLike, rules: Rules,
-                 embeddings: Embeddings, iterations: int = 3, epochs: int = 2, learning_rate: float = 1e-4,
-                 prompts_per_step: int = 8, progress_bar: bool = True):
+                 embeddings: Embeddings, iterations: int, epochs: int, learning_rate: float, prompts_per_step: int,
+                 progress_bar: bool = True):
         if iterations < 0 or epochs < 1 or prompts_per_step < 1:
             raise DataError(f"refinement needs iterations >= 0, epochs >= 1, prompts_per_step >= 1; got {iterations}, "
                             f"{epochs}, {prompts_per_step}")

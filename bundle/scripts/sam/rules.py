@@ -52,12 +52,13 @@ class Rules:
     mask covers where their CAM wins, and SAM's masks of the object classes draw their boundary.
     """
 
+    # the values are pseudo_label.json's (its settings are the one place they are set)
+    ids_threshold: float  # EP-SAM: keep a SAM mask only if this fraction of it lies in its class's CAM region
+    confidence: float  # uncovered pixels: the CAM's class where its CAM reaches this (and is > 0), else ignore
+    disagreement: float  # see scripts.sam.masks.fuse
+    box_rule: bool  # inside a kept mask's prompt box SAM draws the boundary (see scripts.sam.masks.fuse)
     cam_threshold: float | None = None
-    ids_threshold: float = 0.9  # EP-SAM: keep a SAM mask only if this fraction of it lies in its class's CAM region
-    confidence: float = 0.0  # uncovered pixels: the CAM's class where its CAM reaches this (and is > 0), else ignore
-    disagreement: float = 0.5
-    box_rule: bool = True  # inside a kept mask's prompt box SAM draws the boundary (see scripts.pseudo_masks.fuse)
-    prompt_args: dict = field(default_factory=dict)  # of scripts.prompts.cam_prompts: margin, min_distance, ...
+    prompt_args: dict = field(default_factory=dict)  # of scripts.sam.prompts.cam_prompts: margin, min_distance, ...
     objects: Sequence[int] | None = None
     seed: int = 0
 
