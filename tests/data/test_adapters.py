@@ -4,11 +4,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import shared
 from PIL import Image
 
-from conftest import shared
-from scripts.data.adapters import bcss_wsss, from_csv, from_mask_folder, glas, luad_histoseg
 from scripts.data.__main__ import main
+from scripts.data.adapters import bcss_wsss, from_csv, from_mask_folder, glas, luad_histoseg
 from scripts.errors import DataError
 
 PALETTE = [0, 64, 128, 255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 255]
@@ -91,7 +91,9 @@ def test_from_csv(tmp_path):
     save(tmp_path / "t" / "a.png", rgb())
     save(tmp_path / "t" / "b.jpg", rgb(seed=1))
     save(tmp_path / "t" / "b_mask.png", np.ones((64, 64), np.uint8))
-    (tmp_path / "tiles.csv").write_text('path,labels,split,mask\nt/a.png,tumour,,\nt/b.jpg,"stroma, tumour",validation,t/b_mask.png\n')
+    (tmp_path / "tiles.csv").write_text(
+        'path,labels,split,mask\nt/a.png,tumour,,\nt/b.jpg,"stroma, tumour",validation,t/b_mask.png\n'
+    )
     data = json.loads(open(from_csv(tmp_path / "tiles.csv", tmp_path / "dl.json")).read())
     assert data["classes"] == ["stroma", "tumour"]
     assert data["training"] == [{"image": "t/a.png", "label": [0, 1]}]

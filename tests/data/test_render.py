@@ -6,11 +6,19 @@ import pytest
 import tifffile
 from PIL import Image
 
-from scripts.errors import DataError
 from scripts.data.demo import prepare_demo
 from scripts.data.render import (
-    CLASSES, GLAND, LYMPHOCYTES, NOT_TISSUE, STROMA, colour_mask, demo_figure, make_slide_array, make_tile,
+    CLASSES,
+    GLAND,
+    LYMPHOCYTES,
+    NOT_TISSUE,
+    STROMA,
+    colour_mask,
+    demo_figure,
+    make_slide_array,
+    make_tile,
 )
+from scripts.errors import DataError
 
 
 def tile(seed, size=128, **kwargs):

@@ -7,8 +7,8 @@ import pytest
 import tifffile
 from conftest import shared
 
-from scripts.errors import DataError
 from scripts.data.slides import from_slides
+from scripts.errors import DataError
 from scripts.wsi.reader import open_slide, read_lowres, slide_mpp, tissue_mask
 
 PINK = (205, 120, 175)

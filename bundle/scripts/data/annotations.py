@@ -2,6 +2,11 @@
 
 :func:`read_annotations` returns a list of :class:`Polygon` records; :func:`rasterize` paints them into a
 uint8 label image at a given downsample (255 = unannotated).
+
+Self-intersecting polygons (a ring whose edges cross, e.g. a figure eight drawn with the brush) would be filled
+by the even-odd rule, leaving holes where the ring overlaps itself. When ``shapely`` is installed they are repaired
+with ``shapely.make_valid`` (a warning names the file and the annotation); without it they are refused with an
+error naming the file, the annotation and the crossing point.
 """
 
 from __future__ import annotations
@@ -32,6 +37,80 @@ class Polygon(NamedTuple):
     class_name: str
     exterior: np.ndarray
     holes: list
+
+
+def _crossing(ring: np.ndarray) -> tuple[float, float] | None:
+    """A point where two non-adjacent edges of a closed ring cross properly, or None (touching does not count).
+
+    Edges are sorted by their left end so that only pairs overlapping in x are tested: near-linear in practice."""
+    keep = np.r_[True, np.any(np.diff(ring, axis=0) != 0, axis=1)]
+    pts = ring[keep]
+    if len(pts) > 1 and np.array_equal(pts[0], pts[-1]):
+        pts = pts[:-1]
+    n = len(pts)
+    if n < 4:
+        return None
+    a, b = pts, np.roll(pts, -1, axis=0)  # edge k: a[k] -> b[k]
+    xmin, xmax = np.minimum(a[:, 0], b[:, 0]), np.maximum(a[:, 0], b[:, 0])
+    ymin, ymax = np.minimum(a[:, 1], b[:, 1]), np.maximum(a[:, 1], b[:, 1])
+    order = np.argsort(xmin, kind="stable")
+    sorted_min = xmin[order]
+    stop = np.searchsorted(sorted_min, xmax[order], side="right")  # edges after i in order whose left end <= its right
+    start = np.arange(n) + 1
+    counts = np.maximum(stop - start, 0)
+    chunk = 1 << 20
+    first = 0
+    while first < n:
+        # pairs for a block of edges whose candidate count stays under `chunk`
+        last = first + max(1, int(np.searchsorted(np.cumsum(counts[first:]), chunk)))
+        reps = counts[first:last]
+        if reps.sum():
+            i_sorted = np.repeat(np.arange(first, last), reps)
+            offsets = np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps)
+            i, j = order[i_sorted], order[start[i_sorted] + offsets]
+            near = (ymin[i] <= ymax[j]) & (ymin[j] <= ymax[i])
+            gap = np.abs(i - j)
+            near &= (gap != 1) & (gap != n - 1)
+            i, j = i[near], j[near]
+
+            def side(p, q, r):
+                return np.sign((q[:, 0] - p[:, 0]) * (r[:, 1] - p[:, 1]) - (q[:, 1] - p[:, 1]) * (r[:, 0] - p[:, 0]))
+
+            cross = (side(a[i], b[i], a[j]) * side(a[i], b[i], b[j]) < 0) & (
+                side(a[j], b[j], a[i]) * side(a[j], b[j], b[i]) < 0
+            )
+            if cross.any():
+                k, m = i[cross][0], j[cross][0]
+                d1, d2 = b[k] - a[k], b[m] - a[m]
+                t = ((a[m][0] - a[k][0]) * d2[1] - (a[m][1] - a[k][1]) * d2[0]) / (d1[0] * d2[1] - d1[1] * d2[0])
+                x, y = a[k] + t * d1
+                return float(x), float(y)
+        first = last
+    return None
+
+
+def _make_valid(polygon: Polygon, path, where: str) -> list[Polygon]:
+    """The polygon itself if no ring crosses itself; else its repair by shapely, or an error without shapely."""
+    bad = next((p for p in (_crossing(r) for r in (polygon.exterior, *polygon.holes)) if p is not None), None)
+    if bad is None:
+        return [polygon]
+    try:
+        import shapely
+        from shapely.geometry import Polygon as ShapelyPolygon
+    except ImportError:
+        raise DataError(
+            f"{path}: {where}: the polygon crosses itself near ({bad[0]:.1f}, {bad[1]:.1f}); fix it in QuPath/ASAP, "
+            "or install shapely to have it repaired (shapely.make_valid)"
+        ) from None
+    fixed = shapely.make_valid(ShapelyPolygon(polygon.exterior, polygon.holes))
+    parts = [g for g in getattr(fixed, "geoms", [fixed]) if g.geom_type in ("Polygon", "MultiPolygon")]
+    parts = [q for g in parts for q in getattr(g, "geoms", [g]) if not q.is_empty]
+    log.warning("%s: %s: the polygon crosses itself near (%.1f, %.1f); repaired with shapely.make_valid into %d "
+                "polygon(s)", path, where, bad[0], bad[1], len(parts))
+    def ring(r) -> np.ndarray:
+        return np.asarray(r.coords, np.float64)[:, :2]
+
+    return [Polygon(polygon.class_name, ring(q.exterior), [ring(r) for r in q.interiors]) for q in parts]
 
 
 def _ring(coords, path, where: str) -> np.ndarray:
@@ -128,7 +207,7 @@ def read_geojson(path: str | os.PathLike) -> list[Polygon]:
                 raise DataError(f"{path}: {where}: a polygon must be a non-empty list of rings")
             exterior = _ring(rings[0], path, where)
             holes = [_ring(r, path, f"{where} hole {k}") for k, r in enumerate(rings[1:])]
-            out.append(Polygon(name, exterior, holes))
+            out.extend(_make_valid(Polygon(name, exterior, holes), path, where))
     return out
 
 
@@ -181,7 +260,8 @@ def read_asap_xml(path: str | os.PathLike) -> list[Polygon]:
         if kind == "rectangle" and len(xy) == 2:
             (x0, y0), (x1, y1) = xy
             xy = [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
-        out.append(Polygon(group, _ring(xy, path, where) if xy else _ring([], path, where), []))
+        ring = _ring(xy, path, where) if xy else _ring([], path, where)
+        out.extend(_make_valid(Polygon(group, ring, []), path, where))
     return out
 
 

@@ -87,7 +87,10 @@ def _blob(rng: np.random.Generator, radius: float, roughness: float, elongation:
     r = r.astype(np.float32)
 
     def r_of(theta):
-        position = (np.asarray(theta, np.float32) + np.float32(np.pi)) % np.float32(2 * np.pi) * np.float32(_ANGLE_STEPS / (2 * np.pi))
+        position = (
+            (np.asarray(theta, np.float32) + np.float32(np.pi)) % np.float32(2 * np.pi)
+            * np.float32(_ANGLE_STEPS / (2 * np.pi))
+        )
         i = np.minimum(position.astype(np.intp), _ANGLE_STEPS - 1)
         return r[i] + (r[i + 1] - r[i]) * (position - i)
 
@@ -114,7 +117,8 @@ class _Stamps:
 
     def add(self, y, x, a, b, angle, strength) -> None:
         n = len(np.atleast_1d(y))
-        self.parts.append(np.stack([np.broadcast_to(np.asarray(v, np.float32), (n,)) for v in (y, x, a, b, angle, strength)], 1))
+        columns = [np.broadcast_to(np.asarray(v, np.float32), (n,)) for v in (y, x, a, b, angle, strength)]
+        self.parts.append(np.stack(columns, 1))
 
     def paint(self, height: int, width: int) -> np.ndarray:
         """The strongest stamp at each pixel (0 outside all of them)."""
@@ -215,7 +219,8 @@ def _place_clusters(rng, mask, nuclei, fraction, scale):
         keep = mask[iy, ix] == LYMPHOCYTES
         n = int(keep.sum())
         size = rng.uniform(2.3, 3.2, n) * scale
-        nuclei.add(ny[keep], nx[keep], size, size * rng.uniform(0.8, 1.0, n), rng.uniform(0, np.pi, n), rng.uniform(1.9, 2.4, n))
+        nuclei.add(ny[keep], nx[keep], size, size * rng.uniform(0.8, 1.0, n), rng.uniform(0, np.pi, n),
+                   rng.uniform(1.9, 2.4, n))
 
 
 def _collagen(rng, height, width, scale):
@@ -409,5 +414,6 @@ def demo_figure(path: str | os.PathLike, tile_size: int = 256, seed: int = 0) ->
         draw.text((x + 28, y), name, fill=(0, 0, 0), font=font)
         x += 40 + int(draw.textlength(name, font=font))
     with atomic_output(path) as tmp:  # 256 colours: half the bytes, no visible change
-        figure.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(tmp, format="PNG", optimize=True)
+        palette = figure.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        palette.save(tmp, format="PNG", optimize=True)
     return str(path)

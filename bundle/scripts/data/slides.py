@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import DataError
 from ..wsi.reader import level_downsample, open_slide, slide_mpp, tissue_mask, to_level0
 from .annotations import IGNORE, Polygon, rasterize, read_annotations
-from .datalist import SPLITS, patch_grid, patch_tags, write_datalist
+from .datalist import SPLITS, parse_names, patch_grid, patch_tags, write_datalist
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,9 @@ def _read_slide_list(slide_list: Path, group_map: dict) -> list[dict]:
         path = (root / slide).resolve() if not os.path.isabs(slide) else Path(slide)
         if not path.is_file():
             raise DataError(f"{where}: slide file not found: {path}")
+        twice = next((o["where"] for o in out if o["slide"] == path), None)
+        if twice:
+            raise DataError(f"{where}: slide {slide} is already listed ({twice}); a slide appears once")
         entry = {"where": where, "csv": slide_list, "slide": path, "split": split, "labels": labels, "polygons": None}
         if annotation:
             ann = (root / annotation).resolve() if not os.path.isabs(annotation) else Path(annotation)
@@ -119,6 +122,30 @@ def _read_slide_list(slide_list: Path, group_map: dict) -> list[dict]:
     if not out:
         raise DataError(f"{slide_list}: no slides listed")
     return out
+
+
+def _check_extent(item: dict, width0: int, height0: int) -> None:
+    """Refuse annotations that cannot be level-0 pixels of this slide: a polygon wholly outside the slide, or every
+    polygon smaller than a pixel (coordinates in another CRS, e.g. lon/lat degrees, or in micrometres/another level)."""
+    polygons = item["polygons"]
+    if not polygons:
+        return
+    lo = np.array([p.exterior.min(0) for p in polygons])
+    hi = np.array([p.exterior.max(0) for p in polygons])
+    span = f"x {lo[:, 0].min():g}..{hi[:, 0].max():g}, y {lo[:, 1].min():g}..{hi[:, 1].max():g}"
+    slide = f"the slide {item['slide'].name} ({width0} x {height0} px at level 0)"
+    outside = (hi[:, 0] < 0) | (hi[:, 1] < 0) | (lo[:, 0] > width0) | (lo[:, 1] > height0)
+    if outside.any():
+        raise DataError(
+            f"{item['annotation']}: {int(outside.sum())} of {len(polygons)} polygon(s) lie outside {slide}; the "
+            f"annotations span {span}: coordinates must be level-0 pixels of this slide (wrong slide, or another "
+            f"CRS such as lon/lat?)"
+        )
+    if ((hi - lo).max(1) < 1).all():
+        raise DataError(
+            f"{item['annotation']}: every polygon is smaller than one pixel of {slide} (they span {span}); "
+            "coordinates must be level-0 pixels, not lon/lat degrees or millimetres"
+        )
 
 
 def _tissue_on_grid(mask: np.ndarray, mask_ds: float, shape: tuple[int, int], ds: float) -> np.ndarray:
@@ -145,6 +172,8 @@ def _slide_patches(
             f"remove the slide from {item['csv']}"
         )
     height0, width0 = (int(v) for v in reader.get_size(wsi, 0))
+    if item["polygons"] is not None:
+        _check_extent(item, width0, height0)
     ds = level_downsample(reader, wsi, level)
     grid = patch_grid(*(int(v) for v in reader.get_size(wsi, level)), patch_size, stride)
 
@@ -244,7 +273,7 @@ def from_slides(
     gmap = _group_map(group_map)
     items = _read_slide_list(slide_list, gmap)
 
-    given = _names(classes, "classes")
+    given = parse_names(classes, "classes")
     if given is not None:
         given_set = set(given)
         for item in items:
@@ -274,6 +303,13 @@ def from_slides(
                 background_class, backend, float(mask_downsample),
             )
         )
+    for split in SPLITS:
+        listed = [item for item in items if item["split"] == split]
+        if listed and not splits[split]:
+            raise DataError(
+                f"{slide_list}: the {split} split's {len(listed)} slide(s) gave no patch (first: {listed[0]['where']}, "
+                f"{listed[0]['slide'].name}); check min_tissue, the annotations and background_class"
+            )
     data = write_datalist(output, classes, splits)
     log.info(
         "%s: %s patches from %d slides in %.1f s", output,
