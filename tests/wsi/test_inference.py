@@ -12,17 +12,17 @@ import openslide
 import pytest
 import tifffile
 import torch
+from conftest import BUNDLE, ROOT, shared
 from PIL import Image
 from torch import nn
+from wsi_fixtures import CLASSES, GLASS, PINK, PURPLE, ColourNet, inference, inference_config, square_rgb, square_slide
 
-from conftest import BUNDLE, ROOT, shared
 from scripts.data.annotations import read_geojson
 from scripts.data.render import make_slide_array
 from scripts.errors import DataError
 from scripts.wsi.inference import find_inputs, load_weights, shard
 from scripts.wsi.plan import choose_grid, open_input
 from scripts.wsi.pyramid_tiff import write_pyramidal_tiff
-from wsi_fixtures import CLASSES, GLASS, PINK, PURPLE, ColourNet, inference, inference_config, square_rgb, square_slide
 
 torch.set_num_threads(1)
 
@@ -222,20 +222,22 @@ def test_real_slides(tmp_path):
 
 
 def test_inference_config_through_monai_bundle(tmp_path):
-    """The run id `inference` on a folder (a slide and a tile), as users call it (with flip TTA); and MONAI Label's keys
-    on a tile."""
+    """The run id `inference` on a folder (a slide, a tile and a broken tile), as users call it (with flip TTA): the
+    good ones done, the run failing after them and naming the broken one; and MONAI Label's keys on a tile."""
     folder = tmp_path / "in"
     folder.mkdir()
     square_slide(folder / "square.tif")
     Image.fromarray(square_rgb()).save(folder / "tile.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
     result = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "inference", "--bundle_root", str(BUNDLE),
          "--config_file", str(BUNDLE / "configs" / "inference.json"), "--input_dir", str(folder),
          "--output_dir", str(tmp_path / "out"), "--ckpt_path", "$None", "--roi_size", "[64, 64]", "--tile_size", "128",
          "--num_workers", "1", "--progress_bar", "False", "--tta", "flip"],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 1, result.stderr[-3000:]
     assert "randomly initialised" in result.stdout + result.stderr
+    assert f"1 of 3 inputs failed: {folder / 'broken.png'}: cannot read the image" in " ".join(result.stderr.split())
     assert {json.loads(p.read_text())["slide"] for p in (tmp_path / "out").glob("*_summary.json")} == {
         str(folder / "square.tif"), str(folder / "tile.png")}
 

@@ -3,8 +3,8 @@ import pytest
 import tifffile
 from scipy import ndimage
 
-from scripts.wsi import pyramid_tiff
 from scripts.errors import DataError
+from scripts.wsi import pyramid_tiff
 from scripts.wsi.pyramid_tiff import level_shapes, write_pyramidal_tiff
 
 

@@ -10,13 +10,13 @@ import torch
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import ScaleIntensityRanged
 from PIL import Image
+from wsi_fixtures import CLASSES, GLASS, PINK, ColourNet
 
 from scripts.data.annotations import read_geojson
 from scripts.errors import DataError
 from scripts.wsi.outputs import LabelStore, output_paths, reduced_labels, slide_summary, write_maps
 from scripts.wsi.plan import TileDataset, plan_slide, tiling
 from scripts.wsi.predict import TileModel, predict
-from wsi_fixtures import CLASSES, GLASS, PINK, ColourNet
 
 torch.set_num_threads(1)
 

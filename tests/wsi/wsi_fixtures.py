@@ -3,11 +3,11 @@ activation, for the whole-slide inference tests."""
 
 import numpy as np
 import torch
+from conftest import BUNDLE
 from monai.bundle import ConfigParser
 from monai.inferers import SlidingWindowInferer
 from torch import nn
 
-from conftest import BUNDLE
 from scripts.wsi.inference import SlideInference
 from scripts.wsi.pyramid_tiff import write_pyramidal_tiff
 

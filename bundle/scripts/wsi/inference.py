@@ -10,8 +10,14 @@ in three phases, each testable alone:
    one global sliding-window grid, and the tiles that touch the low-resolution tissue mask;
 2. predict (:mod:`scripts.wsi.predict`): those tiles, read by ``DataLoader`` workers so that reading overlaps the
    network, through MONAI's ``SlidingWindowInferer`` (Gaussian blending) on the windows that hold tissue; each
-   tile's centre goes straight to disk (labels and reduced probabilities);
+   tile's centre goes straight to disk (labels and reduced probabilities, plain writes: no memory map);
 3. write (:mod:`scripts.wsi.outputs`): the pyramidal label TIFF, GeoJSON, overlay and summary made from those.
+
+Failures: before any tile of a slide is read its outputs' disk space is checked (the output folder's is checked once,
+before the first slide); everything of a slide is made in one hidden folder, ``.NAME.partial/``, moved into place when
+the slide is done and removed otherwise (a re-run removes what a killed run left); a full disk is a one-line error
+naming the output, a NaN network output one naming the checkpoint. A failing input is logged and the others go on;
+the run then ends with a DataError "N of M inputs failed" listing each failed input and why.
 
 The input scaling and the activation are not defined here: they are the config's ``scale_intensity`` and
 ``activation``, the same items MONAI Label's ``preprocessing`` and ``postprocessing`` apply, so the two paths cannot
@@ -30,15 +36,25 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..atomic import atomic_output
 from ..checkpoints import load_network
 from ..constants import NO_TISSUE
 from ..errors import DataError
-from .outputs import LabelStore, output_paths, reduced_labels, slide_summary, write_json, write_maps
+from .outputs import (
+    LabelStore,
+    ProbabilityStore,
+    check_free_space,
+    disk_needs,
+    output_paths,
+    partial_outputs,
+    reduced_labels,
+    remove_leftovers,
+    slide_summary,
+    write_json,
+    write_maps,
+)
 from .plan import SLIDE_SUFFIXES, TILE_SUFFIXES, Plan, TileDataset, plan_slide, tiling
 from .predict import TileModel, predict
 
@@ -99,6 +115,7 @@ def shard(items) -> list:
 
 def load_weights(network: nn.Module, path, device) -> nn.Module:
     """Load a state-dict checkpoint; ``path=None`` keeps the random weights (development only, said in the log).
+    A checkpoint holding NaN or infinite weights is refused (it would label every pixel one class).
 
     Args:
         network: the network to load into.
@@ -114,7 +131,13 @@ def load_weights(network: nn.Module, path, device) -> nn.Module:
     if not os.path.isfile(path):
         raise DataError(f"{path}: model checkpoint not found; train first, or pass --ckpt_path '$None' to run a "
                         "randomly initialised network (development only)")
-    return load_network(network, path, "segmentation model", device)
+    network = load_network(network, path, "segmentation model", device)
+    broken = [key for key, value in network.state_dict().items()
+              if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        raise DataError(f"{path}: the segmentation model checkpoint holds NaN or infinite weights ({len(broken)} "
+                        f"tensors, e.g. {broken[0]}): its training diverged; use an earlier checkpoint or retrain")
+    return network
 
 # ------------------------------------------------------------------------------------------- inference
 
@@ -144,13 +167,15 @@ class SlideInference:
         amp: autocast the network (CUDA only).
         progress: show a progress bar per slide.
         overwrite: redo slides whose summary exists.
+        checkpoint: the checkpoint the network's weights come from (None: random weights), named by the error on a
+            NaN network output.
     """
 
     def __init__(
         self, network: nn.Module, inferer, classes, scale_intensity: Callable, activation: Callable, device="cpu",
         mpp: float | None = 0.5, slide_mpp: float | None = None, mpp_tolerance: float = 0.1, backend: str = "cucim",
         tile_size: int = 1024, batch_size: int = 2, num_workers: int = 1, prob_downsample: int = 8, amp: bool = False,
-        progress: bool = True, overwrite: bool = False,
+        progress: bool = True, overwrite: bool = False, checkpoint: str | os.PathLike | None = None,
     ):
         if mpp is not None and not mpp > 0 or slide_mpp is not None and not slide_mpp > 0:
             raise DataError(f"mpp and slide_mpp must be positive (or None), got mpp={mpp}, slide_mpp={slide_mpp}")
@@ -163,19 +188,23 @@ class SlideInference:
         self.mpp, self.slide_mpp, self.mpp_tolerance = mpp, slide_mpp, mpp_tolerance
         self.backend, self.batch_size, self.num_workers = backend, batch_size, num_workers
         self.prob_downsample, self.progress, self.overwrite = prob_downsample, progress, overwrite
+        self.network_name = os.fspath(checkpoint) if checkpoint else "the network (no checkpoint: random weights)"
 
     def __call__(self, inputs, output_dir) -> list[dict]:
-        """Infer every input; a failing input is logged and the others go on.
+        """Infer every input; a failing input is logged (with its traceback when it is not a DataError) and the others
+        go on. The output folder is checked before the first input is read.
 
         Args:
             inputs: slide and tile paths (their names must differ: they name the outputs).
             output_dir: the output folder, created if needed.
 
         Returns:
-            The slides' summaries.
+            The slides' summaries, when all succeeded.
 
         Raises:
-            DataError: at the end, naming the inputs that failed.
+            DataError: at the end, after every other input is done: "N of M inputs failed:", then a line per failed
+                input, its path and why. The error's ``failed`` attribute maps those paths to the reasons, its
+                ``summaries`` holds the summaries of the others.
         """
         output_dir = _writable(output_dir)
         inputs = [os.fspath(p) for p in inputs]
@@ -184,15 +213,24 @@ class SlideInference:
         if twice:
             raise DataError(f"several inputs share the name {twice}: their outputs would collide; "
                             "infer them separately")
-        summaries, failed = [], []
+        summaries, failed = [], {}
         for path in inputs:
             try:
                 summaries.append(self.infer(path, output_dir))
             except DataError as e:
                 log.error("%s", e)
-                failed.append(str(e))
+                failed[path] = str(e)
+            except Exception as e:  # anything else: this input's traceback in the log, the others go on
+                log.exception("%s: failed", path)
+                failed[path] = f"{type(e).__name__}: {e}"
+        skipped = sum(bool(s.get("skipped")) for s in summaries)
+        log.info("%d inputs: %d inferred, %d done before, %d failed", len(inputs), len(summaries) - skipped, skipped,
+                 len(failed))
         if failed:
-            raise DataError(f"{len(failed)} of {len(inputs)} inputs failed:\n" + "\n".join(failed))
+            lines = [reason if reason.startswith(path) else f"{path}: {reason}" for path, reason in failed.items()]
+            error = DataError(f"{len(failed)} of {len(inputs)} inputs failed:\n" + "\n".join(lines))
+            error.failed, error.summaries = failed, summaries
+            raise error
         return summaries
 
     @property
@@ -211,31 +249,34 @@ class SlideInference:
                                            num_workers=workers, prefetch_factor=4 if workers else None)
 
     def infer(self, path: str, output_dir: str | os.PathLike) -> dict:
-        """Infer one slide or tile and write its five outputs (atomically, as a set); returns the summary."""
+        """Infer one slide or tile and write its five outputs (as a set: all or none, see
+        :func:`scripts.wsi.outputs.partial_outputs`); returns the summary.
+
+        The free disk space is checked (:func:`scripts.wsi.outputs.disk_needs`) before any tile is read."""
         start, output_dir, name = time.time(), Path(output_dir), Path(path).stem
         out = output_paths(output_dir, name)
+        with contextlib.suppress(DataError):  # a live run writing this slide keeps its files
+            remove_leftovers(output_dir, name)  # what a killed run left, even of a slide that is done
         if out["summary"].exists() and not self.overwrite:
             log.info("%s: done before (%s exists); pass --overwrite True to redo", path, out["summary"])
             return {"slide": path, "skipped": True}
         plan = self.plan(path)
         grid, f = plan.grid, self.prob_downsample
+        shape = (len(self.classes), -(-grid.height // f), -(-grid.width // f))
+        check_free_space(output_dir, path, disk_needs(grid.height, grid.width, len(self.classes), f))
         if not plan.tiles:
             log.warning("%s: no tissue found; writing empty outputs (all labels %d)", path, NO_TISSUE)
         windows_before = self.model.windows
-        with contextlib.ExitStack() as stack:
-            tmp = {key: stack.enter_context(atomic_output(p)) for key, p in reversed(out.items())}  # summary last
-            fd, scratch = tempfile.mkstemp(dir=output_dir, prefix=f".{name}.", suffix=".labels.tmp")
-            os.close(fd)
-            labels = LabelStore(scratch, grid.height, grid.width)
-            stack.callback(labels.close)
-            probabilities = np.lib.format.open_memmap(
-                tmp["probabilities"], "w+", np.float16, (len(self.classes), -(-grid.height // f), -(-grid.width // f)))
+        with partial_outputs(output_dir, name, path) as tmp, contextlib.ExitStack() as stack:
+            labels = stack.enter_context(LabelStore(tmp["scratch"], grid.height, grid.width))
+            probabilities = stack.enter_context(ProbabilityStore(tmp["probabilities"], shape))
             self.network.eval()
-            counts = predict(plan, self.loader(plan), self.model, labels, probabilities, f, self.device, self.progress)
-            probabilities.flush()
-            reduced = reduced_labels(probabilities)
-            del probabilities  # unmapped before the TIFF is written
+            counts = predict(plan, self.loader(plan), self.model, labels, probabilities, f, self.device, self.progress,
+                             self.network_name)
+            reduced = reduced_labels(probabilities, band=max(1, plan.tile // f))
+            probabilities.close()
             polygons = write_maps(tmp, plan, labels, reduced, self.classes, f)
+            labels.close()  # the scratch file's space back before the next slide
             summary = slide_summary(plan, self.classes, counts, model_mpp=self.mpp, prob_downsample=f,
                                     windows=self.model.windows - windows_before, polygons=polygons,
                                     seconds=time.time() - start, outputs=out)

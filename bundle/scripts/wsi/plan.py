@@ -7,7 +7,7 @@ is computed twice, and no output pixel lies at a window's outer edge. Only tiles
 mask are listed (:func:`plan_slide`); :class:`TileDataset` reads them, with the tissue mask as a fourth channel.
 
 Plain tiles (PNG/JPEG) go through the same code as one-level slides; they record no pixel size and are taken to be at
-the model's ``mpp``.
+the model's ``mpp``. The tissue decision for small images is described at :func:`debris_size`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .reader import slide_mpp as recorded_mpp
 
 TILE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+DEBRIS_PX0 = 128 * 128  # tissue-mask objects below this many level-0 pixels are debris (mask_from_rgb's default)
 
 
 # ------------------------------------------------------------------------------------------ plain tiles
@@ -188,9 +189,24 @@ def tiling(roi_size, overlap, tile_size: int, prob_downsample: int) -> tuple[int
     return roi, (roi - stride) // 2, unit * max(1, round(tile_size / unit))
 
 
+def debris_size(height0: int, width0: int) -> float:
+    """The size (level-0 pixels) below which a tissue-mask object is dropped as debris, for a ``height0 x width0``
+    slide or tile: :data:`DEBRIS_PX0`, but at most a sixteenth of the image.
+
+    The tissue mask (:func:`scripts.wsi.reader.mask_from_rgb`) drops objects under 128 x 128 level-0 pixels: on a
+    slide those are dust and specks. An image smaller than that (a 64-256 px PNG tile) holds no object that large,
+    so all of it was "no tissue", whatever it showed. The decision stays the mask's, at full resolution (images up to
+    1024 px are masked at their own resolution), with the same colour thresholds -- a glass-only or grey tile is still
+    no tissue -- but an object is debris only when it is also under a sixteenth of the image (a 64 px tile: under
+    16 x 16 px). Images of 512 x 512 pixels or more are unchanged.
+    """
+    return min(float(DEBRIS_PX0), height0 * width0 / 16)
+
+
 def plan_slide(path: str, *, tile: int, margin: int, model_mpp: float | None, slide_mpp: float | None,
                mpp_tolerance: float, backend: str) -> Plan:
-    """Open a slide or tile, choose its grid, compute its tissue mask and list the tiles that touch tissue.
+    """Open a slide or tile, choose its grid, compute its tissue mask (dropping debris under :func:`debris_size`) and
+    list the tiles that touch tissue.
 
     Args:
         path: a slide (any :class:`monai.data.WSIReader` format) or a PNG/JPEG tile.
@@ -214,7 +230,8 @@ def plan_slide(path: str, *, tile: int, margin: int, model_mpp: float | None, sl
                         "to infer at level 0 as it is")
     grid = choose_grid(reader, wsi, mpp, model_mpp, mpp_tolerance)
     height0, width0 = (int(v) for v in reader.get_size(wsi, 0))
-    mask, mask_ds = tissue_mask(reader, wsi, min(32.0, max(1.0, max(height0, width0) / 1024)))
+    mask, mask_ds = tissue_mask(reader, wsi, min(32.0, max(1.0, max(height0, width0) / 1024)),
+                                min_object_px0=debris_size(height0, width0))
     plan = Plan(path, reader, wsi, mpp, grid, mask, mask_ds, tile, margin)
     for ty in range(0, grid.height, tile):
         for tx in range(0, grid.width, tile):

@@ -6,7 +6,8 @@ with the config's intensity transform and runs MONAI's ``SlidingWindowInferer`` 
 ``sw_batch_size`` windows per network call) over the network and the config's activation, calling the network only
 on windows holding tissue. :func:`predict` labels each tile's centre (the most probable class, :data:`NO_TISSUE`
 off the tissue mask) into a :class:`LabelStore` and writes its probabilities, averaged over ``prob_downsample``
-blocks, into a memory map.
+blocks, into a :class:`ProbabilityStore` (plain writes, no memory map). A NaN or infinite probability is an error
+naming the checkpoint and the slide (a checkpoint with broken weights would otherwise label every pixel one class).
 
 The windows are blended as probabilities (the reduced probability map needs them), where MONAI Label's keys blend
 logits and apply the same activation after: the two give the same labels where a single window covers a pixel, and
@@ -25,7 +26,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..constants import NO_TISSUE
-from .outputs import LabelStore
+from ..errors import DataError
+from .outputs import LabelStore, ProbabilityStore
 from .plan import Plan
 
 
@@ -84,7 +86,7 @@ class TileModel:
 
 
 def store_tile(plan: Plan, origin: tuple[int, int], probs: np.ndarray, tissue: np.ndarray, labels: LabelStore,
-               probabilities: np.ndarray, counts: np.ndarray, prob_downsample: int) -> None:
+               probabilities: np.ndarray | ProbabilityStore, counts: np.ndarray, prob_downsample: int) -> None:
     """Crop a tile's centre, label it (NO_TISSUE off the tissue mask) and write labels and reduced probabilities.
 
     Args:
@@ -93,7 +95,8 @@ def store_tile(plan: Plan, origin: tuple[int, int], probs: np.ndarray, tissue: n
         probs: C x S x S probabilities of the tile with its margin.
         tissue: S x S tissue mask (0/1) of the same pixels.
         labels: the grid's label store; the core's labels are written into it.
-        probabilities: the reduced C x ceil(H / f) x ceil(W / f) map; the core's block means are written into it.
+        probabilities: the reduced C x ceil(H / f) x ceil(W / f) map, an array or a :class:`ProbabilityStore`; the
+            core's block means are written into it.
         counts: pixel counts per label value (256), added to.
         prob_downsample: f, the probability map's reduction.
     """
@@ -113,8 +116,9 @@ def store_tile(plan: Plan, origin: tuple[int, int], probs: np.ndarray, tissue: n
     probabilities[:, ty // f : ty // f + rh, tx // f : tx // f + rw] = block
 
 
-def predict(plan: Plan, batches: Iterable[dict], model: Callable, labels: LabelStore, probabilities: np.ndarray,
-            prob_downsample: int, device: torch.device | str = "cpu", progress: bool = False) -> np.ndarray:
+def predict(plan: Plan, batches: Iterable[dict], model: Callable, labels: LabelStore,
+            probabilities: np.ndarray | ProbabilityStore, prob_downsample: int, device: torch.device | str = "cpu",
+            progress: bool = False, network_name: str = "the network") -> np.ndarray:
     """Every tissue tile of a plan through ``model`` into the label store and the reduced probability map.
 
     Args:
@@ -127,14 +131,25 @@ def predict(plan: Plan, batches: Iterable[dict], model: Callable, labels: LabelS
         prob_downsample: f, the probability map's reduction.
         device: where the tiles go.
         progress: show a progress bar.
+        network_name: what the network is, for the error on a NaN output: its checkpoint's path.
 
     Returns:
         Pixel counts per label value (256, int64) over the grid's inferred tiles.
+
+    Raises:
+        DataError: naming ``network_name`` and the slide, when a probability is NaN or infinite (nothing of the
+            batch is written).
     """
     counts = np.zeros(256, np.int64)
     with torch.inference_mode():
         for batch in tqdm(batches, desc=Path(plan.path).stem, disable=not progress, unit="batch"):
             result = model(batch["image"].to(device)).float().cpu().numpy()
+            finite = np.isfinite(result).reshape(len(result), -1).all(1)
+            if not finite.all():
+                ty, tx = plan.tiles[batch["tile"][int(np.argmin(finite))]]
+                raise DataError(f"{network_name}: the network's output is NaN or infinite on {plan.path} (the tile at "
+                                f"grid row {ty}, column {tx}): the checkpoint's weights are broken (a diverged "
+                                "training?) or the input overflows under amp (try --amp False)")
             for b, index in enumerate(batch["tile"].tolist()):
                 store_tile(plan, plan.tiles[index], result[b], batch["image"][b, 3].numpy(), labels, probabilities,
                            counts, prob_downsample)
