@@ -68,11 +68,14 @@ def test_a_changed_setting_reruns_its_stage_and_the_later_ones_and_says_why(stag
 def test_a_changed_datalist_or_config_reruns_everything(stages, caplog):
     root, made = stages
     datalist = root / "datalist.json"
-    datalist.write_text('{"classes": ["a", "b", "c"]}')
+    data = {"classes": ["a", "b"], "training": [{"image": "x.png", "label": [1, 0]}],
+            "validation": [{"image": "y.png", "label": [0, 1]}]}
+    datalist.write_text(json.dumps(data))
     for stage in made:
         stage["overrides"]["datalist"] = str(datalist)
     run_stages(str(root / "stages"), made)
-    datalist.write_text('{"classes": ["a", "b"]}')
+    data["training"][0]["label"] = [1, 1]
+    datalist.write_text(json.dumps(data))
     with caplog.at_level("INFO", logger="pathology_wsss"):
         assert run_stages(str(root / "stages"), made) == ["a", "b", "c"]
     assert "stage a: runs again: datalist changed" in caplog.text
@@ -100,6 +103,22 @@ def test_a_deleted_or_replaced_output_reruns_its_stage(stages):
     assert run_stages(str(root / "stages"), made) == ["b"]  # same bytes again: c stays current
     (root / "a.txt").write_text("replaced by hand")
     assert run_stages(str(root / "stages"), made) == ["a"]  # it writes the same bytes again: b and c stay current
+
+
+def test_bad_settings_and_unwritable_folders_fail_before_the_first_stage(stages, tmp_path):
+    root, made = stages
+    datalist = root / "datalist.json"
+    datalist.write_text(json.dumps({"classes": ["gland", "stroma"], "training": [{"image": "x.png", "label": [1, 0]}],
+                                    "validation": [{"image": "y.png", "label": [0, 1]}]}))
+    made[1]["overrides"].update(datalist=str(datalist), sam_classes=["glnd"])
+    with pytest.raises(DataError, match=r"sam_classes \['glnd'\] are not among the datalist's classes"):
+        run_stages(str(root / "stages"), made)
+    made[1]["overrides"]["sam_classes"] = ["gland"]
+    (tmp_path / "a_file").touch()
+    made[2]["outputs"] = [str(tmp_path / "a_file" / "c.txt")]
+    with pytest.raises(DataError, match="a_file: output folder not writable"):
+        run_stages(str(root / "stages"), made)
+    assert runs(root) == ""  # nothing ran
 
 
 def test_bad_force_names_and_missing_outputs_are_clear_errors(stages):

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -24,8 +25,11 @@ from pathlib import Path
 from monai.bundle import ConfigWorkflow
 
 from .atomic import atomic_output
+from .data.datalist import check_mask_values, validate_datalist
 from .errors import DataError
 from .sam.outputs import Outputs
+from .sam.rules import object_classes
+from .seg.data import eval_split
 
 logger = logging.getLogger("pathology_wsss")
 SCRIPTS = Path(__file__).resolve().parent
@@ -211,6 +215,32 @@ def run_stage(records_dir: str, stage: dict, upstream: Mapping[str, Mapping[str,
     return True, outputs
 
 
+def _writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise DataError(f"{folder}: output folder not writable ({e.strerror or e})") from None
+
+
+def preflight(records_dir: str, stages: Sequence[dict]) -> None:
+    """What would otherwise fail after hours of training, checked before the first stage: the datalist is valid
+    (training and validation entries, see :func:`validate_datalist`), the masks the evaluation reads hold only class
+    values, ``sam_classes`` are among the classes, and every output folder is writable."""
+    datalists = {s["overrides"]["datalist"] for s in stages if "datalist" in s["overrides"]}
+    for datalist in sorted(datalists):
+        validate_datalist(datalist, require=("training", "validation"))
+        check_mask_values(datalist, eval_split(datalist))
+    for stage in stages:
+        settings = stage["overrides"]
+        if "datalist" in settings:
+            object_classes(validate_datalist(settings["datalist"], require=())["classes"], settings.get("sam_classes"))
+    folders = {Path(records_dir)} | {Path(o).parent for s in stages for o in s["outputs"]}
+    for folder in sorted(folders):
+        _writable(folder)
+
+
 def run_stages(records_dir: str, stages: Sequence[dict], force: bool | Iterable[str] = False,
                skip: Iterable[str] = ()) -> list[str]:
     """Run ``stages`` (see :func:`stage_graph`) in order; returns the names that ran.
@@ -228,6 +258,7 @@ def run_stages(records_dir: str, stages: Sequence[dict], force: bool | Iterable[
     unknown = (forced | skipped) - set(names)
     if unknown:
         raise DataError(f"force/skip: unknown stage(s) {sorted(unknown)}; the stages are {names}")
+    preflight(records_dir, stages)
     code, upstream, ran, forcing = code_version(), {}, [], False
     for stage in stages:
         name = stage["name"]

@@ -48,7 +48,8 @@ def test_one_epoch_then_resume(datalist, tmp_path, adl, pda):
     models = tmp_path / "models"
     assert {"cam_best.pt", "cam_last.pt"} <= {p.name for p in models.iterdir()}
     best = torch.load(models / "cam_best.pt", weights_only=True)
-    assert best.keys() == wf.parser.get_parsed_content("network").state_dict().keys()
+    assert best["model"].keys() == wf.parser.get_parsed_content("network").state_dict().keys()
+    assert best["contract"]["classes"] == classes
     steps = trainer.state.iteration
     wf.finalize()
 

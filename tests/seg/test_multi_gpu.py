@@ -27,5 +27,5 @@ def test_two_cpu_ranks_train_one_epoch(tmp_path, tiny_demo):
     log = result.stdout + result.stderr
     assert "Key metric: val_pseudo_miou best value" in log  # the metric all-reduced over both ranks' validation shards
     assert {p.name for p in (tmp_path / "models").iterdir()} == {"model.pt", "seg_last.pt"}  # rank 0 saves, once
-    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["model"]
     assert not any(k.startswith("module.") for k in state)  # saved unwrapped: loads into the plain network

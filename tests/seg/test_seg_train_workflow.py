@@ -45,8 +45,10 @@ def test_one_epoch_selects_on_pseudo_mask_agreement(trained):
     _, root, log = trained
     assert "val_pseudo_miou" in log and "Key metric: val_pseudo_miou best value" in log
     assert {p.name for p in (root / "models").iterdir()} == {"model.pt", "seg_last.pt"}
-    state = torch.load(root / "models" / "model.pt", weights_only=True)
-    assert state["segmentation_head.0.weight"].shape[0] == 3  # one output channel per datalist class
+    saved = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert saved["model"]["segmentation_head.0.weight"].shape[0] == 3  # one output channel per datalist class
+    assert saved["contract"]["classes"] == ["stroma", "gland", "lymphocytes"]  # the checkpoint knows its classes
+    assert saved["contract"]["backbone"] == "efficientnet-lite0" and saved["contract"]["scaling"] == [0, 255, 0, 1]
     assert any((root / "logs").iterdir())  # TensorBoard events
 
 
@@ -88,13 +90,13 @@ def test_verify_net_in_out_and_torchscript_export(trained, tmp_path):
         "['configs/common.json','configs/train.json']", *overrides(pseudo_datalist=datalist, pretrained=False), cwd=BUNDLE)
     exported = tmp_path / "model.ts"
     cli("ckpt_export", "network_def", "--filepath", str(exported), "--ckpt_file", str(root / "models" / "model.pt"),
-        "--meta_file", "configs/metadata.json", "--config_file", "configs/common.json", *overrides(datalist=datalist),
+        "--meta_file", "configs/metadata.json", "--config_file", "configs/common.json", "--key_in_ckpt", "model", *overrides(datalist=datalist),
         cwd=BUNDLE)
     import scripts.seg.net  # noqa: F401  (registers efficientnet-lite0)
     from monai.networks.nets import FlexibleUNet
 
     net = FlexibleUNet(3, 3, "efficientnet-lite0", pretrained=False).eval()
-    net.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
+    net.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True)["model"])
     x = torch.rand(1, 3, 64, 96)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.load(str(exported))(x), net(x))
