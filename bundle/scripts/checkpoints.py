@@ -76,6 +76,13 @@ class Contract:
         self.state = dict(state)
 
 
+def checkpoint_classes(checkpoint: str | os.PathLike | None) -> list[str] | None:
+    """The class names a checkpoint records, or None (no file yet, or written before checkpoints carried them)."""
+    if checkpoint is None or not Path(checkpoint).is_file():
+        return None
+    return (read_state(Path(checkpoint), "model").get("contract") or {}).get("classes")
+
+
 def check_classes(checkpoint: str | os.PathLike, classes: Sequence[str] | None, what: str = "model") -> list[str]:
     """The class names a checkpoint was trained on; a DataError when ``classes`` (the run's, e.g. ``--classes``) are
     not the same names in the same order: reordered or misspelt names would silently swap the outputs. An older

@@ -16,6 +16,7 @@ import glob
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -169,9 +170,9 @@ def _read(path: Path) -> dict | None:
         return None
 
 
-def _write(path: Path, data: dict) -> None:
+def _write(path: Path, data: dict, indent: int = 1) -> None:
     with atomic_output(path) as tmp:
-        Path(tmp).write_text(json.dumps(data, indent=1))
+        Path(tmp).write_text(json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
 
 
 def run_stage(records_dir: str, stage: dict, upstream: Mapping[str, Mapping[str, str]], code: str,
@@ -274,6 +275,20 @@ def run_stages(records_dir: str, stages: Sequence[dict], force: bool | Iterable[
         if did:
             ran.append(name)
     return ran
+
+
+def record_classes(metadata: str | os.PathLike, datalist: str | os.PathLike) -> None:
+    """Write the datalist's class names into ``metadata.json``'s output ``channel_def`` (what MONAI Label and older
+    checkpoints read), so that the bundle describes the network ``run training`` just trained; unchanged: untouched."""
+    path, classes = Path(metadata), validate_datalist(datalist, require=())["classes"]
+    meta = json.loads(path.read_text())
+    output = meta["network_data_format"]["outputs"]["pred"]
+    channel_def = {str(i): name for i, name in enumerate(classes)}
+    if output.get("channel_def") == channel_def and output.get("num_channels") == len(classes):
+        return
+    output.update(channel_def=channel_def, num_channels=len(classes))
+    _write(path, meta, indent=4)
+    logger.info("%s: channel_def set to the datalist's classes %s", path, classes)
 
 
 def _score(value) -> str:
