@@ -56,12 +56,18 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         parser = ConfigParser(ConfigParser.load_config_files([CONFIGS / "common.json", CONFIGS / "train_cam.json"]))
-        parser.update({
-            "bundle_root": str(ROOT / "bundle"), "datalist": args.datalist or default_datalist(tmp),
-            "cam_input_size": args.input_size, "batch_size": args.batch_size, "num_workers": args.num_workers,
-            "train#handlers": [], "train#trainer#epoch_length": args.warmup + args.iterations,
-            "train#trainer#max_epochs": 1,
-        })
+        parser.update(
+            {
+                "bundle_root": str(ROOT / "bundle"),
+                "datalist": args.datalist or default_datalist(tmp),
+                "cam_input_size": args.input_size,
+                "batch_size": args.batch_size,
+                "num_workers": args.num_workers,
+                "train#handlers": [],
+                "train#trainer#epoch_length": args.warmup + args.iterations,
+                "train#trainer#max_epochs": 1,
+            }
+        )
         trainer = parser.get_parsed_content("train#trainer")
         device, amp = parser.get_parsed_content("device"), parser.get_parsed_content("amp")
         stamps = []
@@ -90,9 +96,14 @@ def main() -> None:
 
     result = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "threads": torch.get_num_threads(), "amp": amp, "input_size": args.input_size, "batch_size": args.batch_size,
-        "iterations": args.iterations, "pipeline_patches_per_s": round(pipeline, 2),
-        "model_only_patches_per_s": round(model_only, 2), "pipeline_over_model_only": round(pipeline / model_only, 3),
+        "threads": torch.get_num_threads(),
+        "amp": amp,
+        "input_size": args.input_size,
+        "batch_size": args.batch_size,
+        "iterations": args.iterations,
+        "pipeline_patches_per_s": round(pipeline, 2),
+        "model_only_patches_per_s": round(model_only, 2),
+        "pipeline_over_model_only": round(pipeline / model_only, 3),
     }
     print(json.dumps(result, indent=1))
 

@@ -69,12 +69,21 @@ class Upsampled:
 def make_slide(path: Path, size: int, seed: int) -> Path:
     if not path.exists():
         start = time.time()
-        canvas, _ = make_slide_array(np.random.default_rng(seed), size // RENDER_FACTOR, size // RENDER_FACTOR,
-                                     tissue_fraction=TISSUE, scale=0.5)
-        write_pyramidal_tiff(path, Upsampled(canvas, RENDER_FACTOR), mpp=SLIDE_MPP, quality=80,
-                             description=f"synthetic benchmark slide {size} x {size}")
-        print(f"generated {path.name} ({size} x {size}, {path.stat().st_size / 1e6:.0f} MB) "
-              f"in {time.time() - start:.0f} s", flush=True)
+        canvas, _ = make_slide_array(
+            np.random.default_rng(seed), size // RENDER_FACTOR, size // RENDER_FACTOR, tissue_fraction=TISSUE, scale=0.5
+        )
+        write_pyramidal_tiff(
+            path,
+            Upsampled(canvas, RENDER_FACTOR),
+            mpp=SLIDE_MPP,
+            quality=80,
+            description=f"synthetic benchmark slide {size} x {size}",
+        )
+        print(
+            f"generated {path.name} ({size} x {size}, {path.stat().st_size / 1e6:.0f} MB) "
+            f"in {time.time() - start:.0f} s",
+            flush=True,
+        )
     return path
 
 
@@ -86,10 +95,19 @@ def network(device) -> torch.nn.Module:
 def ours(device, roi: int, num_workers: int = 1) -> SlideInference:
     """Slide inference with the input scaling and activation of the bundle's inference.json."""
     config = ConfigParser(ConfigParser.load_config_file(BUNDLE / "configs" / "inference.json"))
-    return SlideInference(network(device), SlidingWindowInferer(roi, SW_BATCH, OVERLAP, mode="gaussian"), CLASSES,
-                          config.get_parsed_content("scale_intensity"), config.get_parsed_content("activation"),
-                          device=device, mpp=MODEL_MPP, num_workers=num_workers, amp=device.type == "cuda",
-                          progress=False, overwrite=True)
+    return SlideInference(
+        network(device),
+        SlidingWindowInferer(roi, SW_BATCH, OVERLAP, mode="gaussian"),
+        CLASSES,
+        config.get_parsed_content("scale_intensity"),
+        config.get_parsed_content("activation"),
+        device=device,
+        mpp=MODEL_MPP,
+        num_workers=num_workers,
+        amp=device.type == "cuda",
+        progress=False,
+        overwrite=True,
+    )
 
 
 def naive(path: Path, si: SlideInference, limit: int | None) -> tuple[float, int, int]:
@@ -184,8 +202,17 @@ def main() -> None:
 
     rss = {}
     for name, path in (("small", small), ("large", large)):
-        command = [sys.executable, __file__, "--device", args.device, "--roi", str(args.roi),
-                   "--rss-child", str(path), str(work / f"rss_{name}")]
+        command = [
+            sys.executable,
+            __file__,
+            "--device",
+            args.device,
+            "--roi",
+            str(args.roi),
+            "--rss-child",
+            str(path),
+            str(work / f"rss_{name}"),
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         child = subprocess.run(command, capture_output=True, text=True, env=env)
         if child.returncode:
@@ -194,12 +221,16 @@ def main() -> None:
 
     grid = summary["grid_size"]
     rate = lambda seconds: tissue_mp / seconds  # noqa: E731
-    print(f"\nslide {large.name}: 20480 x 20480 at {SLIDE_MPP} um/px; inference grid {grid[0]} x {grid[1]} (level "
-          f"{summary['level']}, {summary['mpp']} um/px); tissue {tissue_mp:.2f} MP "
-          f"({100 * tissue_mp / (grid[0] * grid[1] / 1e6):.0f} % of the grid); device {device}, "
-          f"{torch.get_num_threads()} torch thread(s); windows {si.roi} px, overlap {OVERLAP}, {SW_BATCH} per call")
-    print(f"tiles inferred {summary['tiles_inferred']} of {summary['tiles_total']}, "
-          f"windows {summary['windows_inferred']} of {total}")
+    print(
+        f"\nslide {large.name}: 20480 x 20480 at {SLIDE_MPP} um/px; inference grid {grid[0]} x {grid[1]} (level "
+        f"{summary['level']}, {summary['mpp']} um/px); tissue {tissue_mp:.2f} MP "
+        f"({100 * tissue_mp / (grid[0] * grid[1] / 1e6):.0f} % of the grid); device {device}, "
+        f"{torch.get_num_threads()} torch thread(s); windows {si.roi} px, overlap {OVERLAP}, {SW_BATCH} per call"
+    )
+    print(
+        f"tiles inferred {summary['tiles_inferred']} of {summary['tiles_total']}, "
+        f"windows {summary['windows_inferred']} of {total}"
+    )
     print(f"(a) ours                {t_ours:7.1f} s  {rate(t_ours):6.3f} tissue MP/s")
     note = "" if done == total else f"  (timed on {done} of {total} windows, extrapolated)"
     print(f"(b) naive               {t_naive_all:7.1f} s  {rate(t_naive_all):6.3f} tissue MP/s{note}")
@@ -208,9 +239,11 @@ def main() -> None:
     print(f"    network only        {t_net:7.1f} s  {rate(t_net):6.3f} tissue MP/s")
     print(f"    ours / slower of the two: {max(t_read, t_net) / t_ours:.2f}")
     ratio = rss["large"]["main_mb"] / rss["small"]["main_mb"]
-    print(f"peak RSS main process: small {rss['small']['main_mb']:.0f} MB, "
-          f"large (4x area) {rss['large']['main_mb']:.0f} MB, ratio {ratio:.3f}; "
-          f"DataLoader worker: {rss['small']['worker_mb']:.0f} / {rss['large']['worker_mb']:.0f} MB")
+    print(
+        f"peak RSS main process: small {rss['small']['main_mb']:.0f} MB, "
+        f"large (4x area) {rss['large']['main_mb']:.0f} MB, ratio {ratio:.3f}; "
+        f"DataLoader worker: {rss['small']['worker_mb']:.0f} / {rss['large']['worker_mb']:.0f} MB"
+    )
     print(f"whole run {time.time() - started:.0f} s")
 
 

@@ -24,8 +24,9 @@ def tiny_demo(tmp_path_factory) -> str:
     from scripts.data.demo import prepare_demo
 
     root = tmp_path_factory.mktemp("tiny_demo")
-    return prepare_demo(str(root), n_train=4, n_validation=2, n_test=0, tile_size=64, slide_size=64, patch_size=32,
-                        stride=32)
+    return prepare_demo(
+        str(root), n_train=4, n_validation=2, n_test=0, tile_size=64, slide_size=64, patch_size=32, stride=32
+    )
 
 
 def shared(*parts: str) -> Path:

@@ -57,7 +57,9 @@ def test_encoder_variants_load_pretrained():
     features = create_backbone("efficientnet_lite0", features_only=True)
     assert features.feature_info.channels() == [16, 24, 40, 112, 320]
     full = efficientnet_lite0()
-    assert torch.equal(features.state_dict()["blocks.6.0.conv_pwl.weight"], full.state_dict()["blocks.6.0.conv_pwl.weight"])
+    assert torch.equal(
+        features.state_dict()["blocks.6.0.conv_pwl.weight"], full.state_dict()["blocks.6.0.conv_pwl.weight"]
+    )
     head = create_backbone("efficientnet_lite0", num_classes=3)
     assert head.classifier.out_features == 3
     assert torch.equal(head.conv_head.weight, full.conv_head.weight)

@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import BUNDLE
 from monai.networks.nets import FlexibleUNet
 from monai.transforms import ScaleIntensityRanged
 from PIL import Image
 
 import scripts.seg.net  # noqa: F401  (registers efficientnet-lite0)
-from conftest import BUNDLE
 from scripts.checkpoints import Contract, check_classes, checkpoint_classes, load_network
 from scripts.errors import DataError, user_error
 from scripts.pipeline import record_classes
@@ -35,8 +35,10 @@ def checkpoint(tmp_path_factory):
 def test_the_contract_loads_with_weights_only(checkpoint):
     saved = torch.load(checkpoint, weights_only=True)["contract"]
     assert saved["classes"] == CLASSES and saved["backbone"] == "efficientnet-lite0"
-    assert saved["scaling"] == [0, 255, 0, 1] and saved["version"] == json.loads(
-        (BUNDLE / "configs" / "metadata.json").read_text())["version"]
+    assert (
+        saved["scaling"] == [0, 255, 0, 1]
+        and saved["version"] == json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]
+    )
     assert checkpoint_classes(checkpoint) == CLASSES and checkpoint_classes(checkpoint.parent / "none.pt") is None
 
 
@@ -49,8 +51,9 @@ def test_other_classes_are_refused(checkpoint, classes):
 
 
 def test_the_same_classes_load_and_an_old_checkpoint_warns(checkpoint, tmp_path, caplog):
-    network = load_network(FlexibleUNet(3, 3, "efficientnet-lite0", pretrained=False), checkpoint, "model",
-                           classes=CLASSES)
+    network = load_network(
+        FlexibleUNet(3, 3, "efficientnet-lite0", pretrained=False), checkpoint, "model", classes=CLASSES
+    )
     assert not network.training
     old = tmp_path / "old.pt"
     torch.save(torch.load(checkpoint, weights_only=True)["model"], old)  # v0.5: a bare state dict
@@ -63,7 +66,9 @@ def test_run_training_records_the_datalist_classes_in_metadata(tmp_path):
     metadata = tmp_path / "metadata.json"
     metadata.write_text((BUNDLE / "configs" / "metadata.json").read_text())
     datalist = tmp_path / "d.json"
-    datalist.write_text(json.dumps({"classes": ["non-gland", "gland"], "training": [{"image": "a.png", "label": [1, 0]}]}))
+    datalist.write_text(
+        json.dumps({"classes": ["non-gland", "gland"], "training": [{"image": "a.png", "label": [1, 0]}]})
+    )
     record_classes(metadata, datalist)
     pred = json.loads(metadata.read_text())["network_data_format"]["outputs"]["pred"]
     assert pred["channel_def"] == {"0": "non-gland", "1": "gland"} and pred["num_channels"] == 2
@@ -84,9 +89,24 @@ def test_user_errors_are_found_in_the_exception_chain():
 def run_inference(tmp_path, *extra):
     tile = tmp_path / "tile.png"
     Image.fromarray(np.full((64, 64, 3), 180, np.uint8)).save(tile)
-    args = [sys.executable, "-m", "monai.bundle", "run", "inference", "--bundle_root", str(BUNDLE), "--config_file",
-            str(BUNDLE / "configs" / "inference.json"), "--input", str(tile), "--output_dir", str(tmp_path / "out"),
-            "--progress_bar", "False", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "inference",
+        "--bundle_root",
+        str(BUNDLE),
+        "--config_file",
+        str(BUNDLE / "configs" / "inference.json"),
+        "--input",
+        str(tile),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--progress_bar",
+        "False",
+        *extra,
+    ]
     return subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
 
 

@@ -8,19 +8,49 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import BUNDLE
 
-TINY = {"cam_epochs": 1, "cam_input_size": 32, "max_epochs": 1, "refine_iterations": 1, "sam_backend": "tiny",
-        "pretrained": False, "batch_size": 4, "num_workers": 0, "progress_bar": False}
+TINY = {
+    "cam_epochs": 1,
+    "cam_input_size": 32,
+    "max_epochs": 1,
+    "refine_iterations": 1,
+    "sam_backend": "tiny",
+    "pretrained": False,
+    "batch_size": 4,
+    "num_workers": 0,
+    "progress_bar": False,
+}
 
 
 def run_training(root, datalist, *extra):
-    args = [sys.executable, "-m", "monai.bundle", "run", "training", "--bundle_root", str(BUNDLE),
-            "--config_file", str(BUNDLE / "configs" / "pipeline.json"), "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
-            "--datalist", datalist, "--ckpt_dir", str(root / "models"), "--pseudo_dir", str(root / "pseudo"),
-            "--eval_dir", str(root / "eval"), "--log_dir", str(root / "logs"), "--stages_dir", str(root / "stages"),
-            *[a for k, v in TINY.items() for a in (f"--{k}", str(v))], *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--bundle_root",
+        str(BUNDLE),
+        "--config_file",
+        str(BUNDLE / "configs" / "pipeline.json"),
+        "--meta_file",
+        str(BUNDLE / "configs" / "metadata.json"),
+        "--datalist",
+        datalist,
+        "--ckpt_dir",
+        str(root / "models"),
+        "--pseudo_dir",
+        str(root / "pseudo"),
+        "--eval_dir",
+        str(root / "eval"),
+        "--log_dir",
+        str(root / "logs"),
+        "--stages_dir",
+        str(root / "stages"),
+        *[a for k, v in TINY.items() for a in (f"--{k}", str(v))],
+        *extra,
+    ]
     result = subprocess.run(args, capture_output=True, text=True, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout + result.stderr
@@ -71,7 +101,8 @@ def test_forcing_the_classifier_recomputes_the_pseudo_masks(tmp_path, tiny_demo)
 
 
 def test_another_datalist_reruns_every_stage_and_says_why(first_run, tiny_demo, tmp_path):
-    """Issue: after the demo, `run training --datalist other.json` skipped every stage and reported the demo's metrics."""
+    """Issue: after the demo, `run training --datalist other.json` skipped every stage and reported the demo's
+    metrics."""
     root, _ = first_run
     data = json.loads(open(tiny_demo).read())
     data["validation"] = data["validation"][: len(data["validation"]) // 2]  # one image fewer to evaluate
@@ -89,11 +120,21 @@ def test_self_training_adds_rounds(tmp_path, tiny_demo):
     """--self_training 2: twice, the last network's predictions prompt SAM again (relabel) and a fresh network trains on
     those masks; the earlier rounds' models stay in models/round1, models/round2."""
     log = run_training(tmp_path, tiny_demo, "--self_training", "2")
-    stages = ("classify", "pseudo_label", "segment", "relabel_round2", "segment_round2", "relabel_round3", "segment_round3",
-              "evaluate")
+    stages = (
+        "classify",
+        "pseudo_label",
+        "segment",
+        "relabel_round2",
+        "segment_round2",
+        "relabel_round3",
+        "segment_round3",
+        "evaluate",
+    )
     for stage in stages:
         assert f"stage {stage}: finished" in log
-    assert [line.split("stage ")[1].split(":")[0] for line in log.splitlines() if ": finished in" in line] == list(stages)
+    assert [line.split("stage ")[1].split(":")[0] for line in log.splitlines() if ": finished in" in line] == list(
+        stages
+    )
     for model in ("round1/model.pt", "round2/model.pt", "model.pt"):
         assert (tmp_path / "models" / model).is_file()
     relabelled = json.loads((tmp_path / "pseudo" / "round3" / "datalist_pseudo.json").read_text())

@@ -10,9 +10,19 @@ from conftest import BUNDLE, ROOT, shared
 def test_metadata_verifies_offline_against_the_schema():
     schema = shared("..", "schemas", "meta_schema_20240725.json").resolve()
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
-         "--filepath", str(schema)],
-        capture_output=True, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "verify_metadata",
+            "--meta_file",
+            str(BUNDLE / "configs" / "metadata.json"),
+            "--filepath",
+            str(schema),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "metadata is verified with no error" in result.stdout + result.stderr
@@ -24,7 +34,9 @@ def test_metadata_describes_rgb_input_and_named_class_outputs():
     fmt = meta["network_data_format"]
     assert fmt["inputs"]["image"]["num_channels"] == 3
     out = fmt["outputs"]["pred"]
-    assert len(out["channel_def"]) == out["num_channels"] and all(isinstance(v, str) for v in out["channel_def"].values())
+    assert len(out["channel_def"]) == out["num_channels"] and all(
+        isinstance(v, str) for v in out["channel_def"].values()
+    )
 
 
 def test_output_channels_are_the_default_training_data_classes():

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from conftest import BUNDLE, configs
 from monai.bundle import ConfigParser
 
-from conftest import BUNDLE, configs
 from scripts.errors import DataError
 from scripts.pipeline import report, run_stages, stage_graph
 from scripts.seg.data import eval_split
@@ -18,16 +18,33 @@ def stages(tmp_path):
     (tmp_path / "configs").mkdir()
     made = []
     for name in "abc":
-        config = {"imports": ["$import os"], "out": "", "fail": "", "value": "v", "work": "",
-                  "run": ["$open(@out, 'w').write(@value)", f"$open('{tmp_path / 'runs.txt'}', 'a').write('{name}')",
-                          "$open(@work, 'a').write('x') if @work else None", "$os.path.exists(@fail) and 1 / 0"]}
+        config = {
+            "imports": ["$import os"],
+            "out": "",
+            "fail": "",
+            "value": "v",
+            "work": "",
+            "run": [
+                "$open(@out, 'w').write(@value)",
+                f"$open('{tmp_path / 'runs.txt'}', 'a').write('{name}')",
+                "$open(@work, 'a').write('x') if @work else None",
+                "$os.path.exists(@fail) and 1 / 0",
+            ],
+        }
         path = tmp_path / "configs" / f"{name}.json"
         path.write_text(json.dumps(config))
         out = tmp_path / f"{name}.txt"
         fail = tmp_path / "fail" if name == "b" else tmp_path / "never"
         work = str(tmp_path / "b.work") if name == "b" else ""
-        made.append({"name": name, "config_file": str(path), "outputs": [str(out)], "clear": [work] if work else [],
-                     "overrides": {"out": str(out), "fail": str(fail), "work": work}})
+        made.append(
+            {
+                "name": name,
+                "config_file": str(path),
+                "outputs": [str(out)],
+                "clear": [work] if work else [],
+                "overrides": {"out": str(out), "fail": str(fail), "work": work},
+            }
+        )
     return tmp_path, made
 
 
@@ -68,8 +85,11 @@ def test_a_changed_setting_reruns_its_stage_and_the_later_ones_and_says_why(stag
 def test_a_changed_datalist_or_config_reruns_everything(stages, caplog):
     root, made = stages
     datalist = root / "datalist.json"
-    data = {"classes": ["a", "b"], "training": [{"image": "x.png", "label": [1, 0]}],
-            "validation": [{"image": "y.png", "label": [0, 1]}]}
+    data = {
+        "classes": ["a", "b"],
+        "training": [{"image": "x.png", "label": [1, 0]}],
+        "validation": [{"image": "y.png", "label": [0, 1]}],
+    }
     datalist.write_text(json.dumps(data))
     for stage in made:
         stage["overrides"]["datalist"] = str(datalist)
@@ -108,8 +128,15 @@ def test_a_deleted_or_replaced_output_reruns_its_stage(stages):
 def test_bad_settings_and_unwritable_folders_fail_before_the_first_stage(stages, tmp_path):
     root, made = stages
     datalist = root / "datalist.json"
-    datalist.write_text(json.dumps({"classes": ["gland", "stroma"], "training": [{"image": "x.png", "label": [1, 0]}],
-                                    "validation": [{"image": "y.png", "label": [0, 1]}]}))
+    datalist.write_text(
+        json.dumps(
+            {
+                "classes": ["gland", "stroma"],
+                "training": [{"image": "x.png", "label": [1, 0]}],
+                "validation": [{"image": "y.png", "label": [0, 1]}],
+            }
+        )
+    )
     made[1]["overrides"].update(datalist=str(datalist), sam_classes=["glnd"])
     with pytest.raises(DataError, match=r"sam_classes \['glnd'\] are not among the datalist's classes"):
         run_stages(str(root / "stages"), made)
@@ -150,8 +177,16 @@ def test_eval_split_prefers_a_test_split_with_masks(tmp_path):
 
 
 def test_report_logs_absent_classes_as_not_available(tmp_path, caplog):
-    metrics = {"images": 2, "classes": ["a", "b"], "miou": 0.5, "mean_dice": 0.6, "dice": 0.667, "pixel_accuracy": 0.9,
-               "iou_a": 0.5, "iou_b": None}
+    metrics = {
+        "images": 2,
+        "classes": ["a", "b"],
+        "miou": 0.5,
+        "mean_dice": 0.6,
+        "dice": 0.667,
+        "pixel_accuracy": 0.9,
+        "iou_a": 0.5,
+        "iou_b": None,
+    }
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     with caplog.at_level("INFO", logger="pathology_wsss"):
         assert report(str(tmp_path)) == metrics
@@ -163,19 +198,39 @@ DIRS = {"ckpt_dir": "m", "pseudo_dir": "p", "eval_dir": "e", "log_dir": "l"}
 
 def test_self_training_rounds_chain_relabel_and_segment_stages():
     settings = {"segment": {"max_epochs": 3}, "self_training_segment": {"layer_weights": [1.0]}}
-    assert [s["name"] for s in stage_graph("c", DIRS, {}, settings, 0)] == ["classify", "pseudo_label", "segment", "evaluate"]
+    assert [s["name"] for s in stage_graph("c", DIRS, {}, settings, 0)] == [
+        "classify",
+        "pseudo_label",
+        "segment",
+        "evaluate",
+    ]
     one = stage_graph("c", DIRS, {"datalist": "d.json", "seed": None}, settings, True)
-    assert [s["name"] for s in one] == ["classify", "pseudo_label", "segment", "relabel_round2", "segment_round2", "evaluate"]
+    assert [s["name"] for s in one] == [
+        "classify",
+        "pseudo_label",
+        "segment",
+        "relabel_round2",
+        "segment_round2",
+        "evaluate",
+    ]
     relabel, segment = one[3], one[4]
     assert relabel["config_file"] == ["c/common.json", "c/pseudo_label.json", "c/relabel.json"]
-    assert relabel["overrides"] == {"datalist": "d.json", "output_dir": "p/round2", "seg_checkpoint": "m/round1/model.pt"}
+    assert relabel["overrides"] == {
+        "datalist": "d.json",
+        "output_dir": "p/round2",
+        "seg_checkpoint": "m/round1/model.pt",
+    }
     assert one[2]["outputs"] == ["m/round1/model.pt"] and segment["outputs"] == ["m/model.pt"]
     assert segment["overrides"]["pseudo_datalist"] == "p/round2/datalist_pseudo.json"
     assert segment["overrides"]["layer_weights"] == [1.0] and segment["overrides"]["max_epochs"] == 3
     assert "layer_weights" not in one[2]["overrides"]  # round 1 keeps train.json's MLPS weights
     two = stage_graph("c", DIRS, {}, settings, 2)
-    assert [s["outputs"][0] for s in two[3:7]] == ["p/round2/datalist_pseudo.json", "m/round2/model.pt",
-                                                  "p/round3/datalist_pseudo.json", "m/model.pt"]
+    assert [s["outputs"][0] for s in two[3:7]] == [
+        "p/round2/datalist_pseudo.json",
+        "m/round2/model.pt",
+        "p/round3/datalist_pseudo.json",
+        "m/model.pt",
+    ]
     assert two[5]["overrides"]["seg_checkpoint"] == "m/round2/model.pt"
     for bad in (-1, 1.5, "2"):
         with pytest.raises(DataError, match="self_training must be a number of rounds"):
@@ -192,12 +247,44 @@ def pipeline_stages(**overrides):
 
 # the tuned defaults of each stage; each must live in the stage's config alone
 TUNED = {
-    "classify": ["max_epochs", "cam_input_size", "cam_backbone", "adl", "pda", "pda_warmup_epochs", "batch_size",
-                 "learning_rate", "seed", "num_workers", "pretrained"],
-    "pseudo_label": ["cam_input_size", "cam_tta", "ids_threshold", "prompts#margin", "refine_iterations",
-                     "refine_epochs", "sam_backend", "sam_classes", "confidence", "box_rule", "seed"],
-    "segment": ["max_epochs", "layer_weights", "batch_size", "learning_rate", "easy_mining", "holdout_fraction", "zoom",
-                "lambda_dice", "pretrained", "seed"],
+    "classify": [
+        "max_epochs",
+        "cam_input_size",
+        "cam_backbone",
+        "adl",
+        "pda",
+        "pda_warmup_epochs",
+        "batch_size",
+        "learning_rate",
+        "seed",
+        "num_workers",
+        "pretrained",
+    ],
+    "pseudo_label": [
+        "cam_input_size",
+        "cam_tta",
+        "ids_threshold",
+        "prompts#margin",
+        "refine_iterations",
+        "refine_epochs",
+        "sam_backend",
+        "sam_classes",
+        "confidence",
+        "box_rule",
+        "seed",
+    ],
+    "segment": [
+        "max_epochs",
+        "layer_weights",
+        "batch_size",
+        "learning_rate",
+        "easy_mining",
+        "holdout_fraction",
+        "zoom",
+        "lambda_dice",
+        "pretrained",
+        "seed",
+    ],
     "evaluate": ["seg_tta", "zoom", "roi_size", "overlap"],
 }
 UNRESOLVED = ("prompts#margin",)  # needs the datalist to resolve: compare the raw config text
@@ -224,23 +311,65 @@ def test_run_training_hands_each_stage_its_own_defaults():
 
 
 def test_pipeline_settings_reach_their_stages():
-    settings = {"cam_input_size": 96, "cam_epochs": 3, "adl": True, "pda": False, "pda_warmup_epochs": 1,
-                "cam_tta": "d4", "seg_tta": "flip", "sam_backend": "tiny", "sam_classes": ["gland"], "ids_threshold": 0.9,
-                "refine_iterations": 2, "refine_epochs": 1, "max_epochs": 5, "layer_weights": [1.0], "easy_mining": True,
-                "batch_size": 3, "learning_rate": 0.01, "zoom": 0.5, "seed": 7}
+    settings = {
+        "cam_input_size": 96,
+        "cam_epochs": 3,
+        "adl": True,
+        "pda": False,
+        "pda_warmup_epochs": 1,
+        "cam_tta": "d4",
+        "seg_tta": "flip",
+        "sam_backend": "tiny",
+        "sam_classes": ["gland"],
+        "ids_threshold": 0.9,
+        "refine_iterations": 2,
+        "refine_epochs": 1,
+        "max_epochs": 5,
+        "layer_weights": [1.0],
+        "easy_mining": True,
+        "batch_size": 3,
+        "learning_rate": 0.01,
+        "zoom": 0.5,
+        "seed": 7,
+    }
     stages = pipeline_stages(**settings)
     got = {name: resolved(stages[name], keys) for name, keys in TUNED.items() if name != "pseudo_label"}
-    assert {k: got["classify"][k] for k in ("max_epochs", "cam_input_size", "adl", "pda", "pda_warmup_epochs", "seed")} == {
-        "max_epochs": 3, "cam_input_size": 96, "adl": True, "pda": False, "pda_warmup_epochs": 1, "seed": 7}
+    assert {
+        k: got["classify"][k] for k in ("max_epochs", "cam_input_size", "adl", "pda", "pda_warmup_epochs", "seed")
+    } == {"max_epochs": 3, "cam_input_size": 96, "adl": True, "pda": False, "pda_warmup_epochs": 1, "seed": 7}
     assert got["classify"]["batch_size"] == 16  # the pipeline's batch_size is the segmentation network's
     pseudo = stages["pseudo_label"]["overrides"]
-    assert {k: pseudo[k] for k in ("cam_input_size", "cam_tta", "sam_backend", "sam_classes", "ids_threshold",
-                                   "refine_iterations", "refine_epochs")} == {
-        "cam_input_size": 96, "cam_tta": "d4", "sam_backend": "tiny", "sam_classes": ["gland"], "ids_threshold": 0.9,
-        "refine_iterations": 2, "refine_epochs": 1}
-    assert {k: got["segment"][k] for k in ("max_epochs", "layer_weights", "easy_mining", "batch_size", "learning_rate",
-                                           "zoom")} == {
-        "max_epochs": 5, "layer_weights": [1.0], "easy_mining": True, "batch_size": 3, "learning_rate": 0.01, "zoom": 0.5}
+    assert {
+        k: pseudo[k]
+        for k in (
+            "cam_input_size",
+            "cam_tta",
+            "sam_backend",
+            "sam_classes",
+            "ids_threshold",
+            "refine_iterations",
+            "refine_epochs",
+        )
+    } == {
+        "cam_input_size": 96,
+        "cam_tta": "d4",
+        "sam_backend": "tiny",
+        "sam_classes": ["gland"],
+        "ids_threshold": 0.9,
+        "refine_iterations": 2,
+        "refine_epochs": 1,
+    }
+    assert {
+        k: got["segment"][k]
+        for k in ("max_epochs", "layer_weights", "easy_mining", "batch_size", "learning_rate", "zoom")
+    } == {
+        "max_epochs": 5,
+        "layer_weights": [1.0],
+        "easy_mining": True,
+        "batch_size": 3,
+        "learning_rate": 0.01,
+        "zoom": 0.5,
+    }
     assert got["evaluate"]["seg_tta"] == "flip" and got["evaluate"]["zoom"] == 0.5
 
 
@@ -248,8 +377,13 @@ def test_pipeline_settings_reach_their_stages():
 def test_cores_are_split_between_loader_workers_and_torch_threads(monkeypatch, cores, workers, threads):
     """Two workers next to the networks' threads on a 2-core CPU made the demo 2.6x slower (model card, demo)."""
     monkeypatch.setattr("os.cpu_count", lambda: cores)
-    for files in (configs("train.json"), configs("train_cam.json"), configs("pseudo_label.json"),
-                  configs("train.json", "evaluate.json"), [str(BUNDLE / "configs" / "inference.json")]):
+    for files in (
+        configs("train.json"),
+        configs("train_cam.json"),
+        configs("pseudo_label.json"),
+        configs("train.json", "evaluate.json"),
+        [str(BUNDLE / "configs" / "inference.json")],
+    ):
         parser = ConfigParser(ConfigParser.load_config_files(files))
         assert parser.get_parsed_content("num_workers") == workers, files
         if "inference.json" not in files[-1]:

@@ -39,10 +39,13 @@ def test_whole_tile_without_location(tile):
     np.testing.assert_array_equal(LoadPatchd()({"image": image_path})["image"], rgb.transpose(2, 0, 1))
 
 
-@pytest.mark.parametrize("entry, match", [
-    ({"location": [30, 0], "size": [16, 16]}, r"does not lie inside the 40 x 60 image"),
-    ({"location": [-1, 0], "size": [16, 16]}, r"does not lie inside"),
-])
+@pytest.mark.parametrize(
+    "entry, match",
+    [
+        ({"location": [30, 0], "size": [16, 16]}, r"does not lie inside the 40 x 60 image"),
+        ({"location": [-1, 0], "size": [16, 16]}, r"does not lie inside"),
+    ],
+)
 def test_patch_outside_the_tile_is_refused(tile, entry, match):
     with pytest.raises(DataError, match=match):
         LoadPatchd()({"image": tile[2], **entry})
@@ -59,8 +62,13 @@ def test_slide_patch_matches_the_pixels(tmp_path):
     labels = rng.integers(0, 4, (128, 160), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "slide.tif", rgb, tile=(64, 64), photometric="rgb")
     tifffile.imwrite(tmp_path / "labels.tif", labels, tile=(64, 64), photometric="minisblack")
-    entry = {"image": str(tmp_path / "slide.tif"), "mask": str(tmp_path / "labels.tif"),
-             "location": [10, 20], "size": [32, 48], "level": 0}
+    entry = {
+        "image": str(tmp_path / "slide.tif"),
+        "mask": str(tmp_path / "labels.tif"),
+        "location": [10, 20],
+        "size": [32, 48],
+        "level": 0,
+    }
     out = LoadPatchd(keys=("image", "mask"), backend="openslide")(entry)
     np.testing.assert_array_equal(out["image"], rgb[10:42, 20:68].transpose(2, 0, 1))
     np.testing.assert_array_equal(out["mask"], labels[None, 10:42, 20:68])
@@ -71,7 +79,9 @@ def test_slide_patch_matches_the_pixels(tmp_path):
     out = LoadPatchd(keys=("image", "pseudo"), backend="openslide")({**entry, "pseudo": str(tmp_path / "pseudo.png")})
     np.testing.assert_array_equal(out["pseudo"], labels[None, 10:42, 20:68])
     with pytest.raises(DataError, match="mask for a slide patch of size"):
-        LoadPatchd(keys=("pseudo",), backend="openslide")({**entry, "size": [16, 16], "pseudo": str(tmp_path / "pseudo.png")})
+        LoadPatchd(keys=("pseudo",), backend="openslide")(
+            {**entry, "size": [16, 16], "pseudo": str(tmp_path / "pseudo.png")}
+        )
 
 
 def test_hed_jitter_changes_stain_and_keeps_range():

@@ -1,6 +1,6 @@
 """Stack a few of the evaluation's overlay PNGs (image | prediction | ground truth) into one figure for the docs.
 
-    python tools/figure_overlays.py EVAL_DIR OUTPUT.png [--count 3] [--width 900]
+python tools/figure_overlays.py EVAL_DIR OUTPUT.png [--count 3] [--width 900]
 """
 
 from __future__ import annotations

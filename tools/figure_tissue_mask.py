@@ -67,7 +67,8 @@ def main() -> None:
         draw.rectangle([x / ds, y / ds, (x + s) / ds - 1, (y + s) / ds - 1], outline=(30, 60, 220), width=1)
     draw.rectangle([0, 0, w - 1, 15], fill=(255, 255, 255))
     draw.text(
-        (3, 2), f"{slide.name}: tissue mask (green), {len(data['training'])} kept {a.patch_size}px patches (blue)",
+        (3, 2),
+        f"{slide.name}: tissue mask (green), {len(data['training'])} kept {a.patch_size}px patches (blue)",
         fill=(0, 0, 0),
     )
     save_png(img, a.output, colors=128)

@@ -59,8 +59,12 @@ LAYERS = ("classifier", "backbone.blocks.5", "backbone.blocks.4")
 
 def scores(cm: np.ndarray, dice: list[float], classes: list[str]) -> dict:
     s = cm_scores(cm)
-    return {"miou": s["miou"], "oeem_dice": s["dice"], **{f"iou_{c}": float(v) for c, v in zip(classes, s["iou"])},
-            "gland_dice_per_image": float(np.mean(dice))}
+    return {
+        "miou": s["miou"],
+        "oeem_dice": s["dice"],
+        **{f"iou_{c}": float(v) for c, v in zip(classes, s["iou"])},
+        "gland_dice_per_image": float(np.mean(dice)),
+    }
 
 
 def dice(pred: np.ndarray, gt: np.ndarray, c: int) -> float:
@@ -97,10 +101,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datalist", required=True)
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--config", nargs="+", default=[str(CONFIGS / "common.json"), str(CONFIGS / "train_cam.json")],
-                    help="the training run's config files, merged in order")
-    ap.add_argument("--input_size", type=int, default=224,
-                    help="the network input size it was trained with (its cam_input_size)")
+    ap.add_argument(
+        "--config",
+        nargs="+",
+        default=[str(CONFIGS / "common.json"), str(CONFIGS / "train_cam.json")],
+        help="the training run's config files, merged in order",
+    )
+    ap.add_argument(
+        "--input_size", type=int, default=224, help="the network input size it was trained with (its cam_input_size)"
+    )
     ap.add_argument("--window", type=int, default=112)
     ap.add_argument("--tta", default="none")
     ap.add_argument("--output", default=str(ROOT / "eval" / "glas_cam.json"))
@@ -110,8 +119,17 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
     parser = ConfigParser(ConfigParser.load_config_files(args.config))
-    parser.update({"bundle_root": str(ROOT / "bundle"), "datalist": args.datalist, "pretrained": False,
-                   "cam_input_size": args.input_size, "progress_bar": False, "num_workers": 1, "validate#handlers": []})
+    parser.update(
+        {
+            "bundle_root": str(ROOT / "bundle"),
+            "datalist": args.datalist,
+            "pretrained": False,
+            "cam_input_size": args.input_size,
+            "progress_bar": False,
+            "num_workers": 1,
+            "validate#handlers": [],
+        }
+    )
     network = load_network(parser.get_parsed_content("network"), args.checkpoint, "CAM classifier")
     classes = parser.get_parsed_content("classes")
     gland = classes.index("gland")
@@ -143,8 +161,11 @@ def main() -> None:
             cms[name] += confusion(pred, gt, n)
             dices[name].append(dice(pred, gt, gland))
         if k < args.figure_images:
-            rows.append(overlay_row(rgb, maps[0, gland].numpy(), (preds[LAYERS[0]] == gland).astype(int),
-                                    (gt == gland).astype(int)))
+            rows.append(
+                overlay_row(
+                    rgb, maps[0, gland].numpy(), (preds[LAYERS[0]] == gland).astype(int), (gt == gland).astype(int)
+                )
+            )
         print(f"{k + 1}/{len(images)} {Path(image_path).name}: CAM gland Dice {dices[LAYERS[0]][-1]:.3f}", flush=True)
     result["segmentation_seconds"] = round(time.time() - t, 1)
     result["segmentation"] = {name: scores(cm, dices[name], classes) for name, cm in cms.items()}

@@ -53,16 +53,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datalist", required=True, help="its training split: the images the CAMs were made for (dev)")
     ap.add_argument("--output_dir", required=True, help="the pseudo-label run's output_dir (its cams/ are read)")
-    ap.add_argument("--config", nargs="+", default=[str(CONFIGS / "common.json"), str(CONFIGS / "pseudo_label.json")],
-                    help="the run's config files, merged in order, e.g. common.json pseudo_label.json relabel.json for "
-                         "a self-training round")
+    ap.add_argument(
+        "--config",
+        nargs="+",
+        default=[str(CONFIGS / "common.json"), str(CONFIGS / "pseudo_label.json")],
+        help="the run's config files, merged in order, e.g. common.json pseudo_label.json relabel.json for "
+        "a self-training round",
+    )
     ap.add_argument("--set", default="{}", help="JSON of the run's config overrides")
     ap.add_argument("--variants", default="[{}]", help="JSON list of override objects, one per variant")
     ap.add_argument("--report", default=None, help="default: OUTPUT_DIR/glas_prompt_tuning.json")
     args = ap.parse_args()
 
-    base = {"bundle_root": str(ROOT / "bundle"), "datalist": args.datalist, "output_dir": args.output_dir,
-            **json.loads(args.set)}
+    base = {
+        "bundle_root": str(ROOT / "bundle"),
+        "datalist": args.datalist,
+        "output_dir": args.output_dir,
+        **json.loads(args.set),
+    }
     parser = ConfigParser(ConfigParser.load_config_files(args.config))
     parser.update(base)
     sam, embeddings = parser.get_parsed_content("sam"), parser.get_parsed_content("embeddings")
@@ -72,8 +80,10 @@ def main() -> None:
     items = pseudo_items(args.datalist)
     cams = {item["name"]: load_cams(out.cam(item["name"])) for item in items}
     truth = {item["name"]: read_mask(masks[item["image"]]) for item in items}
-    argmax = {item["name"]: np.where(np.asarray(item["label"], bool)[:, None, None], cams[item["name"]],
-                                     -np.inf).argmax(0) for item in items}
+    argmax = {
+        item["name"]: np.where(np.asarray(item["label"], bool)[:, None, None], cams[item["name"]], -np.inf).argmax(0)
+        for item in items
+    }
     cam_miou = miou(sum(confusion(argmax[name], truth[name], n) for name in cams))[0]
 
     results = []
@@ -89,8 +99,13 @@ def main() -> None:
             pred = rules.sam_mask(sam, embeddings(item) if len(prompts) else None, cams[name], tags, prompts)
             cm += confusion(np.where(pred != IGNORE, pred, argmax[name]), truth[name], n)
         score, per_class = miou(cm)
-        row = {"variant": variant, "miou": score, "iou": per_class, "cam_miou": cam_miou,
-               "prompts_per_image": n_prompts / len(items)}
+        row = {
+            "variant": variant,
+            "miou": score,
+            "iou": per_class,
+            "cam_miou": cam_miou,
+            "prompts_per_image": n_prompts / len(items),
+        }
         results.append(row)
         print(json.dumps(row), flush=True)
     path = Path(args.report or Path(args.output_dir) / "glas_prompt_tuning.json")

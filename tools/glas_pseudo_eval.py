@@ -91,9 +91,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datalist", required=True)
     ap.add_argument("--output_dir", required=True, help="the pseudo-label run's output_dir")
-    ap.add_argument("--config", nargs="+", default=[str(CONFIGS / "common.json"), str(CONFIGS / "pseudo_label.json")],
-                    help="the run's config files, merged in order, e.g. common.json pseudo_label.json relabel.json for "
-                         "a self-training round")
+    ap.add_argument(
+        "--config",
+        nargs="+",
+        default=[str(CONFIGS / "common.json"), str(CONFIGS / "pseudo_label.json")],
+        help="the run's config files, merged in order, e.g. common.json pseudo_label.json relabel.json for "
+        "a self-training round",
+    )
     ap.add_argument("--set", default="{}", help="JSON of the run's config overrides that change the prompts")
     ap.add_argument("--report", default=None, help="default: OUTPUT_DIR/glas_pseudo_eval.json")
     ap.add_argument("--figure", default=None, help="where to save the figure (none without it)")
@@ -101,8 +105,14 @@ def main() -> None:
     args = ap.parse_args()
 
     parser = ConfigParser(ConfigParser.load_config_files(args.config))
-    parser.update({"bundle_root": str(ROOT / "bundle"), "datalist": args.datalist, "output_dir": args.output_dir,
-                   **json.loads(args.set)})
+    parser.update(
+        {
+            "bundle_root": str(ROOT / "bundle"),
+            "datalist": args.datalist,
+            "output_dir": args.output_dir,
+            **json.loads(args.set),
+        }
+    )
     rules, rounds = parser.get_parsed_content("rules"), parser.get_parsed_content("refine_iterations")
     num_layers = len(parser.get_parsed_content("layers"))
     classes = read_classes(args.datalist)
@@ -119,8 +129,11 @@ def main() -> None:
         name, tags = item["name"], np.asarray(item["label"], bool)
         gt, cams = read_mask(masks[item["image"]]), load_cams(out.cam(name))
         argmax = np.where(tags[:, None, None], cams, -np.inf).argmax(0)
-        preds = {"cam": argmax, **{f"cam_layer{j}": read_mask(out.layer(name, j)) for j in range(num_layers)},
-                 **{f"sam_iter{k}": read_mask(out.sam(name, k)) for k in range(rounds + 1)}}
+        preds = {
+            "cam": argmax,
+            **{f"cam_layer{j}": read_mask(out.layer(name, j)) for j in range(num_layers)},
+            **{f"sam_iter{k}": read_mask(out.sam(name, k)) for k in range(rounds + 1)},
+        }
         for m, pred in preds.items():
             known = pred != IGNORE
             filled[m] += confusion(np.where(known, pred, argmax), gt, n)
@@ -129,16 +142,28 @@ def main() -> None:
         n_prompts += len(prompts)
         if args.figure and i < args.figure_images:
             rgb = read_rgb(item["image"])
-            rows.append(row([rgb, blend(rgb, heat(cams[gland])), prompts_panel(rgb, prompts),
-                             *(blend(rgb, coloured(preds[m]), 0.6) for m in ("cam", "sam_iter0", f"sam_iter{rounds}")),
-                             blend(rgb, coloured(gt), 0.6)]))
+            rows.append(
+                row(
+                    [
+                        rgb,
+                        blend(rgb, heat(cams[gland])),
+                        prompts_panel(rgb, prompts),
+                        *(blend(rgb, coloured(preds[m]), 0.6) for m in ("cam", "sam_iter0", f"sam_iter{rounds}")),
+                        blend(rgb, coloured(gt), 0.6),
+                    ]
+                )
+            )
 
     report = {"images": len(items), "prompts_per_image": n_prompts / len(items), "classes": classes, "scores": {}}
     for m in methods:
         score, per_class = miou(filled[m])
         score_labelled, _ = miou(labelled[m])
-        report["scores"][m] = {"miou": score, "iou": per_class, "miou_labelled": score_labelled,
-                               "labelled": float(labelled[m].sum() / filled[m].sum())}
+        report["scores"][m] = {
+            "miou": score,
+            "iou": per_class,
+            "miou_labelled": score_labelled,
+            "labelled": float(labelled[m].sum() / filled[m].sum()),
+        }
     best = max(report["scores"][f"sam_iter{k}"]["miou"] for k in range(rounds + 1))
     report["gain_over_cam_points"] = 100 * (best - report["scores"]["cam"]["miou"])
     print(json.dumps(report, indent=1))
@@ -147,8 +172,15 @@ def main() -> None:
 
     print(f"wrote {path}")
     if args.figure:
-        titles = ["image", "CAM (gland)", "prompts", "(a) CAM arg-max", "(b) LiteMedSAM", f"(c) round {rounds}",
-                  "ground truth"]
+        titles = [
+            "image",
+            "CAM (gland)",
+            "prompts",
+            "(a) CAM arg-max",
+            "(b) LiteMedSAM",
+            f"(c) round {rounds}",
+            "ground truth",
+        ]
         header = np.full((22, rows[0].shape[1], 3), 255, np.uint8)
         figure = Image.fromarray(np.concatenate([header, *rows], 0))
         draw = ImageDraw.Draw(figure)

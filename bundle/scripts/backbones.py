@@ -30,8 +30,12 @@ LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 _FIRST_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 _BLOCK = {
-    "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
-    "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3",
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
 }
 # parts of the ImageNet model an encoder may leave out (timm features_only drops the head, num_classes the fc)
 _OPTIONAL = ("conv_head.", "bn2.", "classifier.")
@@ -84,9 +88,13 @@ def efficientnet_lite0(pretrained: bool = True, **kwargs) -> nn.Module:
     blocks = [f"blocks.{s}.{j}" for s, stage in enumerate(model.blocks) for j in range(len(stage))]
     state = _lite0_to_timm(torch.load(path, map_location="cpu", weights_only=True), blocks)
     missing = sorted(set(target) - set(state))
-    wrong = sorted(k for k in target if k in state and state[k].shape != target[k].shape and not k.startswith(_OPTIONAL))
+    wrong = sorted(
+        k for k in target if k in state and state[k].shape != target[k].shape and not k.startswith(_OPTIONAL)
+    )
     if missing or wrong:
-        raise DataError(f"{path}: does not fit tf_efficientnet_lite0{kwargs or ''}: missing {missing[:5]}, wrong shape {wrong[:5]}")
+        raise DataError(
+            f"{path}: does not fit tf_efficientnet_lite0{kwargs or ''}: missing {missing[:5]}, wrong shape {wrong[:5]}"
+        )
     # a resized classifier keeps timm's initialisation
     model.load_state_dict({k: v for k, v in state.items() if k in target and v.shape == target[k].shape}, strict=False)
     return model

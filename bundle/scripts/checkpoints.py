@@ -30,8 +30,9 @@ def read_state(path: Path, what: str) -> dict:
     return state
 
 
-def load_network(network: nn.Module, checkpoint: str | os.PathLike, what: str, device="cpu",
-                 classes: Sequence[str] | None = None) -> nn.Module:
+def load_network(
+    network: nn.Module, checkpoint: str | os.PathLike, what: str, device="cpu", classes: Sequence[str] | None = None
+) -> nn.Module:
     """``network`` in eval mode with the weights of ``checkpoint``: a state dict (``cam_best.pt``, ``model.pt``) or a
     trainer's dict with a ``model`` entry (``cam_last.pt``). A missing, damaged or mismatched file is a DataError naming
     it and ``what`` it should hold; so are ``classes`` other than the checkpoint's (see :func:`check_classes`)."""
@@ -66,8 +67,12 @@ class Contract:
     def __init__(self, classes: Sequence[str], backbone: str, scale_intensity=None):
         scaler = getattr(scale_intensity, "scaler", None)
         scaling = [float(getattr(scaler, k)) for k in ("a_min", "a_max", "b_min", "b_max")] if scaler else None
-        self.state = {"classes": list(classes), "backbone": str(backbone), "scaling": scaling,
-                      "version": _bundle_version()}
+        self.state = {
+            "classes": list(classes),
+            "backbone": str(backbone),
+            "scaling": scaling,
+            "version": _bundle_version(),
+        }
 
     def state_dict(self) -> dict:
         return dict(self.state)
@@ -93,10 +98,16 @@ def check_classes(checkpoint: str | os.PathLike, classes: Sequence[str] | None, 
 def _agreed_classes(state: dict, checkpoint, classes: Sequence[str] | None, what: str) -> list[str]:
     saved = (state.get("contract") or {}).get("classes")
     if saved is None:
-        logger.warning("%s: the %s checkpoint records no class names (written before v0.6); using %s", checkpoint,
-                       what, list(classes or []))
+        logger.warning(
+            "%s: the %s checkpoint records no class names (written before v0.6); using %s",
+            checkpoint,
+            what,
+            list(classes or []),
+        )
         return list(classes or [])
     if classes is not None and list(classes) != list(saved):
-        raise DataError(f"{checkpoint}: the {what} was trained on classes {list(saved)}, not {list(classes)} "
-                        "(leave --classes out to use the checkpoint's)")
+        raise DataError(
+            f"{checkpoint}: the {what} was trained on classes {list(saved)}, not {list(classes)} "
+            "(leave --classes out to use the checkpoint's)"
+        )
     return list(saved)

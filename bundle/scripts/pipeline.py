@@ -49,8 +49,13 @@ def _rounds(self_training) -> int:
     return self_training
 
 
-def stage_graph(configs_dir: str, dirs: Mapping[str, str], shared: Mapping, settings: Mapping[str, Mapping],
-                self_training: int | bool = 0) -> list[dict]:
+def stage_graph(
+    configs_dir: str,
+    dirs: Mapping[str, str],
+    shared: Mapping,
+    settings: Mapping[str, Mapping],
+    self_training: int | bool = 0,
+) -> list[dict]:
     """The stages of one ``run training``, as dicts of :func:`run_stage` arguments.
 
     Args:
@@ -74,33 +79,66 @@ def stage_graph(configs_dir: str, dirs: Mapping[str, str], shared: Mapping, sett
         for key in group:
             overrides.update(_given(settings.get(key)))
         configs = [str(Path(configs_dir) / c) for c in ("common.json", *configs)]
-        return {"name": name, "config_file": configs, "outputs": [str(o) for o in outputs],
-                "clear": [str(c) for c in clear], "overrides": {**overrides, **paths}}
+        return {
+            "name": name,
+            "config_file": configs,
+            "outputs": [str(o) for o in outputs],
+            "clear": [str(c) for c in clear],
+            "overrides": {**overrides, **paths},
+        }
 
     def labels(name, masks_dir, configs, group, **paths):
         out = Outputs(masks_dir)
         return stage(name, configs, [out.datalist], group, out.work_files(), output_dir=str(masks_dir), **paths)
 
     def segment(name, masks_dir, model_dir, group):
-        return stage(name, ["train.json"], [f"{model_dir}/model.pt"], group, [f"{model_dir}/seg_last.pt"],
-                     pseudo_datalist=str(Outputs(masks_dir).datalist), ckpt_dir=model_dir, log_dir=f"{logs}/train")
+        return stage(
+            name,
+            ["train.json"],
+            [f"{model_dir}/model.pt"],
+            group,
+            [f"{model_dir}/seg_last.pt"],
+            pseudo_datalist=str(Outputs(masks_dir).datalist),
+            ckpt_dir=model_dir,
+            log_dir=f"{logs}/train",
+        )
 
     first = f"{ckpt}/round1" if rounds else ckpt
     stages = [
-        stage("classify", ["train_cam.json"], [f"{ckpt}/cam_best.pt"], ["classify"], [f"{ckpt}/cam_last.pt"],
-              ckpt_dir=ckpt, log_dir=f"{logs}/train_cam"),
+        stage(
+            "classify",
+            ["train_cam.json"],
+            [f"{ckpt}/cam_best.pt"],
+            ["classify"],
+            [f"{ckpt}/cam_last.pt"],
+            ckpt_dir=ckpt,
+            log_dir=f"{logs}/train_cam",
+        ),
         labels("pseudo_label", pseudo, ["pseudo_label.json"], ["pseudo_label"], ckpt_dir=ckpt),
         segment("segment", pseudo, first, ["segment"]),
     ]
     for k in range(2, rounds + 2):
         masks, model = f"{pseudo}/round{k}", ckpt if k == rounds + 1 else f"{ckpt}/round{k}"
         stages += [
-            labels(f"relabel_round{k}", masks, ["pseudo_label.json", "relabel.json"], ["pseudo_label", "relabel"],
-                   seg_checkpoint=f"{ckpt}/round{k - 1}/model.pt"),
+            labels(
+                f"relabel_round{k}",
+                masks,
+                ["pseudo_label.json", "relabel.json"],
+                ["pseudo_label", "relabel"],
+                seg_checkpoint=f"{ckpt}/round{k - 1}/model.pt",
+            ),
             segment(f"segment_round{k}", masks, model, ["segment", "self_training_segment"]),
         ]
-    stages.append(stage("evaluate", ["train.json", "evaluate.json"], [f"{dirs['eval_dir']}/metrics.json"],
-                        ["evaluate"], ckpt_dir=ckpt, output_dir=dirs["eval_dir"]))
+    stages.append(
+        stage(
+            "evaluate",
+            ["train.json", "evaluate.json"],
+            [f"{dirs['eval_dir']}/metrics.json"],
+            ["evaluate"],
+            ckpt_dir=ckpt,
+            output_dir=dirs["eval_dir"],
+        )
+    )
     return stages
 
 
@@ -118,8 +156,9 @@ def _file_hash(path: str | Path) -> str:
 
 def code_version() -> str:
     """A hash of the bundle's Python code: a stage run by other code is not reused."""
-    return _sha(b"".join(p.relative_to(SCRIPTS).as_posix().encode() + p.read_bytes()
-                         for p in sorted(SCRIPTS.rglob("*.py"))))
+    return _sha(
+        b"".join(p.relative_to(SCRIPTS).as_posix().encode() + p.read_bytes() for p in sorted(SCRIPTS.rglob("*.py")))
+    )
 
 
 def _inputs(stage: dict, upstream: Mapping[str, Mapping[str, str]], code: str) -> dict:
@@ -142,12 +181,18 @@ def _changes(old: Mapping, new: Mapping) -> list[str]:
     for part in ("datalist", "configs", "code"):
         if old.get(part) != new[part]:
             why.append(f"{part} changed")
-    keys = sorted(k for k in set(old.get("settings", {})) | set(new["settings"])
-                  if old.get("settings", {}).get(k) != new["settings"].get(k))
+    keys = sorted(
+        k
+        for k in set(old.get("settings", {})) | set(new["settings"])
+        if old.get("settings", {}).get(k) != new["settings"].get(k)
+    )
     if keys:
         why.append(f"settings changed ({', '.join(keys)})")
-    stages = sorted(s for s in set(old.get("upstream", {})) | set(new["upstream"])
-                    if old.get("upstream", {}).get(s) != new["upstream"].get(s))
+    stages = sorted(
+        s
+        for s in set(old.get("upstream", {})) | set(new["upstream"])
+        if old.get("upstream", {}).get(s) != new["upstream"].get(s)
+    )
     if stages:
         why.append(f"output of {', '.join(stages)} changed")
     return why
@@ -175,8 +220,9 @@ def _write(path: Path, data: dict, indent: int = 1) -> None:
         Path(tmp).write_text(json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
 
 
-def run_stage(records_dir: str, stage: dict, upstream: Mapping[str, Mapping[str, str]], code: str,
-              force: bool = False) -> tuple[bool, dict[str, str]]:
+def run_stage(
+    records_dir: str, stage: dict, upstream: Mapping[str, Mapping[str, str]], code: str, force: bool = False
+) -> tuple[bool, dict[str, str]]:
     """Run one stage unless its record is current; returns (whether it ran, its output hashes)."""
     name, records = stage["name"], Path(records_dir)
     record, started = records / f"{name}.json", records / f"{name}.started.json"
@@ -188,8 +234,12 @@ def run_stage(records_dir: str, stage: dict, upstream: Mapping[str, Mapping[str,
         if outputs_now != done.get("outputs"):
             why.append("its outputs were changed or removed")
         if not why:
-            logger.info("stage %s: done before with the same inputs (%s), skipped; force it with --force \"['%s']\"",
-                        name, record, name)
+            logger.info(
+                "stage %s: done before with the same inputs (%s), skipped; force it with --force \"['%s']\"",
+                name,
+                record,
+                name,
+            )
             return False, outputs_now
         logger.info("stage %s: runs again: %s", name, "; ".join(why))
     record.unlink(missing_ok=True)
@@ -242,8 +292,9 @@ def preflight(records_dir: str, stages: Sequence[dict]) -> None:
         _writable(folder)
 
 
-def run_stages(records_dir: str, stages: Sequence[dict], force: bool | Iterable[str] = False,
-               skip: Iterable[str] = ()) -> list[str]:
+def run_stages(
+    records_dir: str, stages: Sequence[dict], force: bool | Iterable[str] = False, skip: Iterable[str] = ()
+) -> list[str]:
     """Run ``stages`` (see :func:`stage_graph`) in order; returns the names that ran.
 
     Args:
@@ -301,8 +352,16 @@ def report(eval_dir: str) -> dict:
     eval_dir = Path(eval_dir)
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     per_class = ", ".join(f"{c} {_score(metrics[f'iou_{c}'])}" for c in metrics["classes"])
-    logger.info("evaluation on %d images: mIoU %s, Dice %s (OEEM-style %s), pixel accuracy %s; IoU per class: %s",
-                metrics["images"], *(_score(metrics[k]) for k in ("miou", "mean_dice", "dice", "pixel_accuracy")), per_class)
-    logger.info("metrics: %s; per image: %s; overlays: %s", eval_dir / "metrics.json", eval_dir / "per_image.csv",
-                eval_dir / "overlays")
+    logger.info(
+        "evaluation on %d images: mIoU %s, Dice %s (OEEM-style %s), pixel accuracy %s; IoU per class: %s",
+        metrics["images"],
+        *(_score(metrics[k]) for k in ("miou", "mean_dice", "dice", "pixel_accuracy")),
+        per_class,
+    )
+    logger.info(
+        "metrics: %s; per image: %s; overlays: %s",
+        eval_dir / "metrics.json",
+        eval_dir / "per_image.csv",
+        eval_dir / "overlays",
+    )
     return metrics

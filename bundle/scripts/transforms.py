@@ -64,7 +64,9 @@ class LoadPatchd(MapTransform):
             elif is_mask and path.lower().endswith(".png"):
                 patch = self._tile(path, {}, is_mask)
                 if list(patch.shape[1:]) != list(d.get("size", [])):
-                    raise DataError(f"{path}: a {patch.shape[1]} x {patch.shape[2]} mask for a slide patch of size {d.get('size')}")
+                    raise DataError(
+                        f"{path}: a {patch.shape[1]} x {patch.shape[2]} mask for a slide patch of size {d.get('size')}"
+                    )
             else:
                 patch = self._slide(path, d)
             d[key] = patch[:1] if is_mask else patch
@@ -99,7 +101,9 @@ class LoadPatchd(MapTransform):
         try:
             patch, _ = reader.get_data(wsi, location=tuple(d["location"]), size=tuple(d["size"]), level=int(d["level"]))
         except Exception as e:  # the backends raise ValueError, RuntimeError, OpenSlideError ...
-            raise DataError(f"{path}: cannot read the patch at {d['location']} size {d['size']} level {d['level']} ({e})") from e
+            raise DataError(
+                f"{path}: cannot read the patch at {d['location']} size {d['size']} level {d['level']} ({e})"
+            ) from e
         return np.ascontiguousarray(convert_to_numpy(patch, dtype=np.uint8))
 
 
@@ -113,8 +117,14 @@ class RandHEDJitterd(RandomizableTransform, MapTransform):
     Input: channel-first RGB in [0, 1]; output the same, clipped.
     """
 
-    def __init__(self, keys: KeysCollection, prob: float = 0.5, alpha: float = 0.05, beta: float = 0.05,
-                 allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        prob: float = 0.5,
+        alpha: float = 0.05,
+        beta: float = 0.05,
+        allow_missing_keys: bool = False,
+    ):
         RandomizableTransform.__init__(self, prob)
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.alpha, self.beta = alpha, beta

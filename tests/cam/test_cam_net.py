@@ -31,12 +31,15 @@ def test_logits_are_the_mean_of_the_class_maps(net):
     torch.testing.assert_close(logits, maps.mean((2, 3)))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"num_classes": 0}, "num_classes must be at least 1"),
-    ({"num_classes": 2, "backbone": "vgg"}, "unknown backbone 'vgg'"),
-    ({"num_classes": 2, "adl": True, "adl_layers": ["blocks.9"]}, "no module 'blocks.9'"),
-    ({"num_classes": 2, "output_stride": 8}, "output_stride must be 16 or 32"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_classes": 0}, "num_classes must be at least 1"),
+        ({"num_classes": 2, "backbone": "vgg"}, "unknown backbone 'vgg'"),
+        ({"num_classes": 2, "adl": True, "adl_layers": ["blocks.9"]}, "no module 'blocks.9'"),
+        ({"num_classes": 2, "output_stride": 8}, "output_stride must be 16 or 32"),
+    ],
+)
 def test_bad_configuration_is_refused(kwargs, match):
     with pytest.raises(DataError, match=match):
         CAMNet(pretrained=False, **kwargs)
@@ -70,7 +73,9 @@ def test_pda_drops_the_peak_of_each_class_map_in_training():
     torch.testing.assert_close(full, maps.mean((2, 3)))  # gamma 1.0: nothing dropped
     net.pda_gamma.fill_(0.5)
     torch.manual_seed(1)
-    expected = (maps * ((maps <= 0.5 * maps.amax((2, 3), keepdim=True)) | (maps.amax((2, 3), keepdim=True) <= 0))).mean((2, 3))
+    expected = (maps * ((maps <= 0.5 * maps.amax((2, 3), keepdim=True)) | (maps.amax((2, 3), keepdim=True) <= 0))).mean(
+        (2, 3)
+    )
     torch.manual_seed(1)
     torch.testing.assert_close(net(x), expected)
     net.eval()

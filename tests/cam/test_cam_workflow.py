@@ -5,14 +5,18 @@ import re
 
 import pytest
 import torch
+from conftest import BUNDLE, configs
 from monai.bundle import ConfigWorkflow
 
-from conftest import BUNDLE, configs
 from scripts.errors import DataError
 
 CONFIG = configs("train_cam.json")
 TINY = {  # random weights, 32-px inputs, no worker processes: seconds on a CPU
-    "pretrained": False, "cam_input_size": 32, "batch_size": 4, "num_workers": 0, "progress_bar": False,
+    "pretrained": False,
+    "cam_input_size": 32,
+    "batch_size": 4,
+    "num_workers": 0,
+    "progress_bar": False,
     "pda_warmup_epochs": 0,
 }
 
@@ -25,8 +29,13 @@ def datalist(tiny_demo):
 def workflow(datalist, out, **override):
     torch.set_num_threads(1)
     wf = ConfigWorkflow(
-        config_file=CONFIG, workflow_type="train", bundle_root=str(BUNDLE), datalist=datalist,
-        ckpt_dir=str(out / "models"), log_dir=str(out / "logs"), **{**TINY, **override},
+        config_file=CONFIG,
+        workflow_type="train",
+        bundle_root=str(BUNDLE),
+        datalist=datalist,
+        ckpt_dir=str(out / "models"),
+        log_dir=str(out / "logs"),
+        **{**TINY, **override},
     )
     wf.initialize()
     return wf
@@ -82,10 +91,13 @@ def test_init_from_starts_a_new_run_from_trained_weights(datalist, tmp_path):
     assert isinstance(cause, DataError) and re.search(r"nowhere\.pt: CAM classifier .* not found", str(cause))
 
 
-@pytest.mark.parametrize("override, match", [
-    ({"cam_backbone": "resnet_9000"}, r"unknown backbone 'resnet_9000'; choose one of \['efficientnet_lite0'\]"),
-    ({"classes": []}, "num_classes must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ({"cam_backbone": "resnet_9000"}, r"unknown backbone 'resnet_9000'; choose one of \['efficientnet_lite0'\]"),
+        ({"classes": []}, "num_classes must be at least 1"),
+    ],
+)
 def test_bad_values_give_clear_errors(datalist, tmp_path, override, match):
     wf = workflow(datalist, tmp_path, **override)
     with pytest.raises(RuntimeError) as info:  # monai.bundle wraps the error of the component it built

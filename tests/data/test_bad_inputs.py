@@ -73,6 +73,7 @@ def raises(run, out: Path, culprit: str, message: str) -> str:
 
 def png_bomb(path: Path, width: int, height: int) -> Path:
     """A 1-bit PNG whose header claims width x height pixels: a few dozen bytes, no pixel data."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -105,21 +106,45 @@ GOOD = {"classes": CLASSES, "training": [entry("a.png"), entry("b.png", (0, 1))]
         ("duplicate classes", {**GOOD, "classes": ["bg", "bg"]}, ("training",), "unique and non-empty"),
         ("one string", {**GOOD, "classes": "tumor"}, ("training",), "must be a list of strings"),
         ("non-string classes", {**GOOD, "classes": [0, 1]}, ("training",), "must be a list of strings"),
-        ("label length", {**GOOD, "training": [entry("a.png", (1, 0, 1))]}, ("training",),
-         r"training\[0\] \(a.png\): label \[1, 0, 1\] is not a multi-hot vector of 0/1 over the 2 classes"),
-        ("tag value 2", {**GOOD, "training": [entry("a.png", (2, 0))]}, ("training",),
-         r"training\[0\] \(a.png\): label \[2, 0\] is not a multi-hot"),
+        (
+            "label length",
+            {**GOOD, "training": [entry("a.png", (1, 0, 1))]},
+            ("training",),
+            r"training\[0\] \(a.png\): label \[1, 0, 1\] is not a multi-hot vector of 0/1 over the 2 classes",
+        ),
+        (
+            "tag value 2",
+            {**GOOD, "training": [entry("a.png", (2, 0))]},
+            ("training",),
+            r"training\[0\] \(a.png\): label \[2, 0\] is not a multi-hot",
+        ),
         ("label as string", {**GOOD, "training": [entry("a.png", ("1", "0"))]}, ("training",), "not a multi-hot"),
-        ("bad location", {**GOOD, "training": [entry("a.png", location=[-4, 0], size=[8, 8])]}, ("training",),
-         "'location' must be two integers >= 0"),
+        (
+            "bad location",
+            {**GOOD, "training": [entry("a.png", location=[-4, 0], size=[8, 8])]},
+            ("training",),
+            "'location' must be two integers >= 0",
+        ),
         ("entry without image", {**GOOD, "training": [{"label": [1, 0]}]}, ("training",), "'image' path"),
         ("empty training", {**GOOD, "training": []}, ("training",), "the training split is empty"),
-        ("missing validation", {k: v for k, v in GOOD.items() if k != "validation"}, ("training", "validation"),
-         "the validation split is missing; this stage needs training and validation"),
-        ("duplicate patch", {**GOOD, "training": [entry("a.png", location=[0, 56], size=[112, 112])] * 2},
-         ("training",), r"training entries 0 and 1 are the same sample \(a.png at location \[0, 56\]"),
-        ("leak", {**GOOD, "validation": [entry("./b.png")]}, ("training",),
-         r"image ./b.png is in both training \(entry 1\) and validation \(entry 0\); .* leaks"),
+        (
+            "missing validation",
+            {k: v for k, v in GOOD.items() if k != "validation"},
+            ("training", "validation"),
+            "the validation split is missing; this stage needs training and validation",
+        ),
+        (
+            "duplicate patch",
+            {**GOOD, "training": [entry("a.png", location=[0, 56], size=[112, 112])] * 2},
+            ("training",),
+            r"training entries 0 and 1 are the same sample \(a.png at location \[0, 56\]",
+        ),
+        (
+            "leak",
+            {**GOOD, "validation": [entry("./b.png")]},
+            ("training",),
+            r"image ./b.png is in both training \(entry 1\) and validation \(entry 0\); .* leaks",
+        ),
         ("ignore index", {**GOOD, "mask_ignore_index": 300}, ("training",), "mask_ignore_index must be an integer"),
     ],
 )
@@ -147,10 +172,18 @@ def test_read_classes_refuses_a_single_string(tmp_path):
 
 def test_write_datalist_refuses_duplicates_and_leaks(tmp_path):
     out = tmp_path / "d.json"
-    raises(lambda: datalist.write_datalist(out, CLASSES, {"training": [entry("a.png"), entry("a.png")]}),
-           out, str(out), "training entries 0 and 1 are the same sample")
-    raises(lambda: datalist.write_datalist(out, CLASSES, {"training": [entry("a.png")], "test": [entry("a.png")]}),
-           out, str(out), "is in both training .* and test")
+    raises(
+        lambda: datalist.write_datalist(out, CLASSES, {"training": [entry("a.png"), entry("a.png")]}),
+        out,
+        str(out),
+        "training entries 0 and 1 are the same sample",
+    )
+    raises(
+        lambda: datalist.write_datalist(out, CLASSES, {"training": [entry("a.png")], "test": [entry("a.png")]}),
+        out,
+        str(out),
+        "is in both training .* and test",
+    )
 
 
 def test_write_datalist_disk_full_names_the_datalist(tmp_path, monkeypatch):
@@ -159,8 +192,12 @@ def test_write_datalist_disk_full_names_the_datalist(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "write_text", full)
     out = tmp_path / "d.json"
-    raises(lambda: datalist.write_datalist(out, CLASSES, {"training": [entry("a.png")]}),
-           out, f"{out}: cannot write the datalist", r"\(No space left on device\)$")
+    raises(
+        lambda: datalist.write_datalist(out, CLASSES, {"training": [entry("a.png")]}),
+        out,
+        f"{out}: cannot write the datalist",
+        r"\(No space left on device\)$",
+    )
 
 
 # ------------------------------------------------------------------------------------------- mask values
@@ -178,8 +215,11 @@ def mask_datalist(tmp_path: Path, masks: dict, labels: dict | None = None, **ext
 @pytest.mark.parametrize(
     "case, mask, message",
     [
-        ("value 7", np.where(two_class_mask() > 0, 7, 0).astype(np.uint8),
-         r"m.png: mask values \[7\] are outside the classes 0..1 \['bg', 'fg'\] or \[255\] \(ignored\)"),
+        (
+            "value 7",
+            np.where(two_class_mask() > 0, 7, 0).astype(np.uint8),
+            r"m.png: mask values \[7\] are outside the classes 0..1 \['bg', 'fg'\] or \[255\] \(ignored\)",
+        ),
         ("x 100", (two_class_mask() * 100).astype(np.uint8), r"mask values \[100\] .* look scaled by 100"),
         ("0/255", two_class_mask(255), r"m.png: holds 255 but no pixel of \['fg'\], .* looks saved as 0/255"),
     ],
@@ -219,10 +259,16 @@ def test_check_mask_values_reads_each_mask_once_and_accepts_ignore_values(tmp_pa
 @pytest.mark.parametrize(
     "case, mask, message",
     [
-        ("0/255", two_class_mask(255),
-         r"b.png: mask values \[255\] are outside the classes 0..1 \['bg', 'fg'\]; it looks saved as 0/255"),
-        ("value 7", np.where(np.arange(64)[:, None] < 8, 7, two_class_mask()).astype(np.uint8),
-         r"b.png: mask values \[7\] are outside the classes 0..1 \['bg', 'fg'\]$"),
+        (
+            "0/255",
+            two_class_mask(255),
+            r"b.png: mask values \[255\] are outside the classes 0..1 \['bg', 'fg'\]; it looks saved as 0/255",
+        ),
+        (
+            "value 7",
+            np.where(np.arange(64)[:, None] < 8, 7, two_class_mask()).astype(np.uint8),
+            r"b.png: mask values \[7\] are outside the classes 0..1 \['bg', 'fg'\]$",
+        ),
         ("x 100", (two_class_mask() * 100).astype(np.uint8), r"mask values \[100\] .* look scaled by 100"),
     ],
 )
@@ -234,8 +280,11 @@ def test_from_mask_folder_refuses_masks_outside_the_classes(tmp_path, case, mask
 
 
 def test_glas_refuses_a_mask_saved_as_0_255(tmp_path):
-    root = mask_folder(tmp_path / "glas", {"train_1": two_class_mask(), "testA_1": two_class_mask(255)},
-                       {"train_1": "train", "testA_1": "dev"})
+    root = mask_folder(
+        tmp_path / "glas",
+        {"train_1": two_class_mask(), "testA_1": two_class_mask(255)},
+        {"train_1": "train", "testA_1": "dev"},
+    )
     out = tmp_path / "out" / "datalist.json"
     raises(lambda: adapters.glas(root, out), out, "testA_1.png", r"\['non-gland', 'gland'\]; it looks saved as 0/255")
 
@@ -254,17 +303,25 @@ def test_histoseg_refuses_a_mask_value_outside_the_classes(tmp_path):
     save(tmp_path / "val" / "img" / "x.png", rgb())
     save(tmp_path / "val" / "mask" / "x.png", np.full((64, 64), 9, np.uint8))
     out = tmp_path / "out" / "d.json"
-    raises(lambda: adapters.luad_histoseg(tmp_path, out), out, "x.png",
-           r"mask values \[9\] are outside the classes 0..3 .* or \[4\] \(ignored\)")
+    raises(
+        lambda: adapters.luad_histoseg(tmp_path, out),
+        out,
+        "x.png",
+        r"mask values \[9\] are outside the classes 0..3 .* or \[4\] \(ignored\)",
+    )
 
 
 def test_from_csv_mask_saved_as_0_255(tmp_path):
     save(tmp_path / "a.png", rgb())
     save(tmp_path / "a_mask.png", two_class_mask(255))
-    (tmp_path / "tiles.csv").write_text("path,labels,mask\na.png,\"bg,fg\",a_mask.png\n")
+    (tmp_path / "tiles.csv").write_text('path,labels,mask\na.png,"bg,fg",a_mask.png\n')
     out = tmp_path / "out" / "d.json"
-    raises(lambda: adapters.from_csv(tmp_path / "tiles.csv", out), out, "a_mask.png",
-           r"holds 255 but no pixel of \['fg'\], which .*tiles.csv, line 2 is tagged with; it looks saved as 0/255")
+    raises(
+        lambda: adapters.from_csv(tmp_path / "tiles.csv", out),
+        out,
+        "a_mask.png",
+        r"holds 255 but no pixel of \['fg'\], which .*tiles.csv, line 2 is tagged with; it looks saved as 0/255",
+    )
 
 
 # ------------------------------------------------------------------------------------ adapters: CSV files
@@ -277,7 +334,7 @@ def test_bom_csv_is_read(tmp_path):
     data = json.loads(Path(adapters.from_mask_folder(root, tmp_path / "d.json", CLASSES, 32, 32)).read_text())
     assert len(data["training"]) == 4 and len(data["validation"]) == 4
     save(tmp_path / "t.png", rgb())
-    (tmp_path / "tiles.csv").write_bytes("path,labels\nt.png,\"bg,fg\"\n".encode("utf-8-sig"))
+    (tmp_path / "tiles.csv").write_bytes('path,labels\nt.png,"bg,fg"\n'.encode("utf-8-sig"))
     assert json.loads(Path(adapters.from_csv(tmp_path / "tiles.csv", tmp_path / "c.json")).read_text())["classes"]
 
 
@@ -285,25 +342,40 @@ def test_non_utf8_csv_names_the_line(tmp_path):
     root = mask_folder(tmp_path / "data", {"a": two_class_mask(), "b": two_class_mask()})
     (root / "labels.csv").write_bytes("name,split\na,training\nb,validation\n# Gewebe: Drüse\n".encode("latin-1"))
     out = tmp_path / "out" / "d.json"
-    raises(lambda: adapters.from_mask_folder(root, out, CLASSES), out, f"{root / 'labels.csv'}, line 4",
-           r"not UTF-8 text \(byte 0xfc\); save the CSV as UTF-8")
+    raises(
+        lambda: adapters.from_mask_folder(root, out, CLASSES),
+        out,
+        f"{root / 'labels.csv'}, line 4",
+        r"not UTF-8 text \(byte 0xfc\); save the CSV as UTF-8",
+    )
 
 
 def test_duplicate_rows_in_labels_csv(tmp_path):
     """HEAD: the image's patches were listed twice."""
-    root = mask_folder(tmp_path / "data", {"a": two_class_mask(), "b": two_class_mask()},
-                       csv="name,split\na,training\nb,validation\na,training\n")
+    root = mask_folder(
+        tmp_path / "data",
+        {"a": two_class_mask(), "b": two_class_mask()},
+        csv="name,split\na,training\nb,validation\na,training\n",
+    )
     out = tmp_path / "out" / "d.json"
-    raises(lambda: adapters.from_mask_folder(root, out, CLASSES), out, f"{root / 'labels.csv'}, line 4",
-           "name 'a' is already listed on line 2; remove the duplicate row")
+    raises(
+        lambda: adapters.from_mask_folder(root, out, CLASSES),
+        out,
+        f"{root / 'labels.csv'}, line 4",
+        "name 'a' is already listed on line 2; remove the duplicate row",
+    )
 
 
 def test_duplicate_rows_in_from_csv(tmp_path):
     save(tmp_path / "a.png", rgb())
     (tmp_path / "tiles.csv").write_text("path,labels\na.png,bg\na.png,fg\n")
     out = tmp_path / "out" / "d.json"
-    raises(lambda: adapters.from_csv(tmp_path / "tiles.csv", out), out, "tiles.csv, line 3",
-           "path 'a.png' is already listed on line 2")
+    raises(
+        lambda: adapters.from_csv(tmp_path / "tiles.csv", out),
+        out,
+        "tiles.csv, line 3",
+        "path 'a.png' is already listed on line 2",
+    )
 
 
 def test_same_image_in_two_splits_leaks(tmp_path):
@@ -312,8 +384,12 @@ def test_same_image_in_two_splits_leaks(tmp_path):
     save(tmp_path / "b.png", rgb(seed=1))
     (tmp_path / "tiles.csv").write_text("path,labels,split\na.png,bg,training\nb.png,fg,training\n./a.png,bg,test\n")
     out = tmp_path / "out" / "d.json"
-    raises(lambda: adapters.from_csv(tmp_path / "tiles.csv", out), out, str(out),
-           r"image ../a.png is in both training \(entry 0\) and test \(entry 0\); an image in two splits leaks")
+    raises(
+        lambda: adapters.from_csv(tmp_path / "tiles.csv", out),
+        out,
+        str(out),
+        r"image ../a.png is in both training \(entry 0\) and test \(entry 0\); an image in two splits leaks",
+    )
 
 
 # -------------------------------------------------------------------------------------- adapters: classes
@@ -324,12 +400,17 @@ def test_classes_as_one_string_is_refused(tmp_path, classes):
     """HEAD: from_mask_folder iterated the string: five classes t, u, m, o, r."""
     root = mask_folder(tmp_path / "data", {"a": two_class_mask(), "b": two_class_mask()})
     out = tmp_path / "out" / "d.json"
-    raises(lambda: adapters.from_mask_folder(root, out, classes), out, "classes",
-           r"classes: got the single name .*tumor.*, not a list; give the names as a list")
+    raises(
+        lambda: adapters.from_mask_folder(root, out, classes),
+        out,
+        "classes",
+        r"classes: got the single name .*tumor.*, not a list; give the names as a list",
+    )
 
 
-@pytest.mark.parametrize("classes", ["[non-gland,gland]", '["non-gland", "gland"]', "non-gland,gland",
-                                     ("non-gland", "gland")])
+@pytest.mark.parametrize(
+    "classes", ["[non-gland,gland]", '["non-gland", "gland"]', "non-gland,gland", ("non-gland", "gland")]
+)
 def test_classes_as_a_list_string(tmp_path, classes):
     """HEAD: '[non-gland,gland]' (what fire passes for --classes '[non-gland,gland]') became 16 one-letter classes."""
     root = mask_folder(tmp_path / "data", {"a": two_class_mask(), "b": two_class_mask()})
@@ -343,11 +424,19 @@ def test_from_csv_label_typo(tmp_path):
         save(tmp_path / f"{name}.png", rgb())
     (tmp_path / "tiles.csv").write_text('path,labels\na.png,tumor\nb.png,"tumor,stroma"\nc.png,tumour\n')
     out = tmp_path / "out" / "d.json"
-    raises(lambda: adapters.from_csv(tmp_path / "tiles.csv", out), out, "tiles.csv, line 4",
-           r"label 'tumour' \(1 row\(s\)\) looks like a typo of 'tumor' \(2 row\(s\)\); fix it, or pass classes")
+    raises(
+        lambda: adapters.from_csv(tmp_path / "tiles.csv", out),
+        out,
+        "tiles.csv, line 4",
+        r"label 'tumour' \(1 row\(s\)\) looks like a typo of 'tumor' \(2 row\(s\)\); fix it, or pass classes",
+    )
     # with classes given, the unknown name is an error unless the user adds it
-    raises(lambda: adapters.from_csv(tmp_path / "tiles.csv", out, classes="tumor,stroma"), out, "tiles.csv, line 4",
-           r"unknown class\(es\) \['tumour'\]")
+    raises(
+        lambda: adapters.from_csv(tmp_path / "tiles.csv", out, classes="tumor,stroma"),
+        out,
+        "tiles.csv, line 4",
+        r"unknown class\(es\) \['tumour'\]",
+    )
     data = adapters.from_csv(tmp_path / "tiles.csv", out, classes="[tumor,stroma,tumour]")
     assert json.loads(Path(data).read_text())["classes"] == ["tumor", "stroma", "tumour"]
 
@@ -356,8 +445,9 @@ def test_from_csv_classes_one_string(tmp_path):
     save(tmp_path / "a.png", rgb())
     (tmp_path / "tiles.csv").write_text("path,labels\na.png,tumor\n")
     out = tmp_path / "out" / "d.json"
-    raises(lambda: adapters.from_csv(tmp_path / "tiles.csv", out, classes="tumor"), out, "classes",
-           "single name 'tumor'")
+    raises(
+        lambda: adapters.from_csv(tmp_path / "tiles.csv", out, classes="tumor"), out, "classes", "single name 'tumor'"
+    )
     one_class = adapters.from_csv(tmp_path / "tiles.csv", out, classes="tumor,")
     assert json.loads(Path(one_class).read_text())["classes"] == ["tumor"]
 
@@ -376,9 +466,13 @@ def test_decompression_bomb_is_refused_with_the_limit(tmp_path, pixels):
     (tmp_path / "tiles.csv").write_text("path,labels\nbomb.png,tumor\n")
     out = tmp_path / "out" / "d.json"
     assert MAX_IMAGE_PIXELS == Image.MAX_IMAGE_PIXELS == 16384 * 16384
-    raises(lambda: adapters.from_csv(tmp_path / "tiles.csv", out), out, str(tmp_path / "bomb.png"),
-           f"image too large \\({side * side:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,} pixels, "
-           "scripts.images.MAX_IMAGE_PIXELS")
+    raises(
+        lambda: adapters.from_csv(tmp_path / "tiles.csv", out),
+        out,
+        str(tmp_path / "bomb.png"),
+        f"image too large \\({side * side:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,} pixels, "
+        "scripts.images.MAX_IMAGE_PIXELS",
+    )
 
 
 # -------------------------------------------------------------------------------------------- annotations
@@ -386,16 +480,22 @@ def test_decompression_bomb_is_refused_with_the_limit(tmp_path, pixels):
 
 def bowtie_geojson(path: Path) -> Path:
     ring = [[100, 100], [300, 300], [300, 100], [100, 300], [100, 100]]  # edges 0 and 2 cross at (200, 200)
-    feature = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-               "properties": {"classification": {"name": "tumor"}}}
+    feature = {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+        "properties": {"classification": {"name": "tumor"}},
+    }
     return write_json(path, {"type": "FeatureCollection", "features": [feature]})
 
 
 def test_self_intersecting_polygon_without_shapely(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "shapely", None)  # as if not installed (it is not in requirements.txt)
     path = bowtie_geojson(tmp_path / "a.geojson")
-    with pytest.raises(DataError, match=r"a.geojson: feature 0: the polygon crosses itself near \(200.0, 200.0\); "
-                                        "fix it in QuPath/ASAP, or install shapely"):
+    with pytest.raises(
+        DataError,
+        match=r"a.geojson: feature 0: the polygon crosses itself near \(200.0, 200.0\); "
+        "fix it in QuPath/ASAP, or install shapely",
+    ):
         annotations.read_annotations(path)
 
 
@@ -425,14 +525,26 @@ def band_slide(tmp_path_factory) -> Path:
     img = np.clip(img + np.random.default_rng(0).integers(-6, 7, img.shape), 0, 255).astype(np.uint8)
     path = tmp_path_factory.mktemp("slide") / "band.tif"
     with tifffile.TiffWriter(path) as tif:
-        tif.write(img, tile=(256, 256), compression="jpeg", photometric="rgb", resolution=(2e4, 2e4),
-                  resolutionunit="CENTIMETER")
+        tif.write(
+            img,
+            tile=(256, 256),
+            compression="jpeg",
+            photometric="rgb",
+            resolution=(2e4, 2e4),
+            resolutionunit="CENTIMETER",
+        )
     return path
 
 
 def polygon_file(path: Path, rings) -> Path:
-    features = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-                 "properties": {"classification": {"name": "tumor"}}} for ring in rings]
+    features = [
+        {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {"classification": {"name": "tumor"}},
+        }
+        for ring in rings
+    ]
     return write_json(path, {"type": "FeatureCollection", "features": features})
 
 
@@ -443,9 +555,12 @@ def box(x0, y0, x1, y1):
 @pytest.mark.parametrize(
     "case, rings, message",
     [
-        ("outside", [box(0, 0, 256, 256), box(5000, 5000, 5600, 5600)],
-         r"1 of 2 polygon\(s\) lie outside the slide band.tif \(512 x 512 px at level 0\); the annotations span "
-         r"x 0..5600, y 0..5600"),
+        (
+            "outside",
+            [box(0, 0, 256, 256), box(5000, 5000, 5600, 5600)],
+            r"1 of 2 polygon\(s\) lie outside the slide band.tif \(512 x 512 px at level 0\); the annotations span "
+            r"x 0..5600, y 0..5600",
+        ),
         ("lon/lat", [box(-74.01, 40.70, -73.95, 40.75)], r"lie outside the slide .* another CRS such as lon/lat"),
         ("lon/lat, positive", [box(4.88, 52.36, 4.91, 52.38)], "every polygon is smaller than one pixel of the slide"),
     ],
@@ -455,33 +570,51 @@ def test_polygons_outside_the_slide(tmp_path, band_slide, case, rings, message):
     ann = polygon_file(tmp_path / "a.geojson", rings)
     (tmp_path / "s.csv").write_text(f"slide,annotation,split\n{band_slide},a.geojson,training\n")
     out = tmp_path / "out" / "d.json"
-    raises(lambda: slides.from_slides(str(tmp_path / "s.csv"), str(out), patch_size=128, background_class="normal"),
-           out, str(ann), message)
+    raises(
+        lambda: slides.from_slides(str(tmp_path / "s.csv"), str(out), patch_size=128, background_class="normal"),
+        out,
+        str(ann),
+        message,
+    )
 
 
 def test_validation_split_emptied_by_its_slides(tmp_path, band_slide):
     """HEAD: a warning, and a datalist with an empty validation split (exit 0)."""
     polygon_file(tmp_path / "a.geojson", [box(420, 0, 512, 512)])  # on the glass only: no annotated tissue
-    (tmp_path / "s.csv").write_text(f"slide,labels,annotation,split\n{band_slide},tumor,,training\n"
-                                    f"{band_slide.parent / 'copy.tif'},,a.geojson,validation\n")
+    (tmp_path / "s.csv").write_text(
+        f"slide,labels,annotation,split\n{band_slide},tumor,,training\n"
+        f"{band_slide.parent / 'copy.tif'},,a.geojson,validation\n"
+    )
     (band_slide.parent / "copy.tif").write_bytes(band_slide.read_bytes())
     out = tmp_path / "out" / "d.json"
-    raises(lambda: slides.from_slides(str(tmp_path / "s.csv"), str(out), patch_size=128), out, "s.csv",
-           r"the validation split's 1 slide\(s\) gave no patch \(first: .*s.csv row 3, copy.tif\)")
+    raises(
+        lambda: slides.from_slides(str(tmp_path / "s.csv"), str(out), patch_size=128),
+        out,
+        "s.csv",
+        r"the validation split's 1 slide\(s\) gave no patch \(first: .*s.csv row 3, copy.tif\)",
+    )
 
 
 def test_same_slide_listed_twice(tmp_path, band_slide):
     (tmp_path / "s.csv").write_text(f"slide,labels,split\n{band_slide},tumor,training\n{band_slide},tumor,val\n")
     out = tmp_path / "out" / "d.json"
-    raises(lambda: slides.from_slides(str(tmp_path / "s.csv"), str(out)), out, "s.csv row 3",
-           "slide .*band.tif is already listed .*s.csv row 2")
+    raises(
+        lambda: slides.from_slides(str(tmp_path / "s.csv"), str(out)),
+        out,
+        "s.csv row 3",
+        "slide .*band.tif is already listed .*s.csv row 2",
+    )
 
 
 def test_slides_classes_one_string(tmp_path, band_slide):
     (tmp_path / "s.csv").write_text(f"slide,labels\n{band_slide},tumor\n")
     out = tmp_path / "out" / "d.json"
-    raises(lambda: slides.from_slides(str(tmp_path / "s.csv"), str(out), classes="tumor"), out, "classes",
-           "single name 'tumor'")
+    raises(
+        lambda: slides.from_slides(str(tmp_path / "s.csv"), str(out), classes="tumor"),
+        out,
+        "classes",
+        "single name 'tumor'",
+    )
 
 
 # ------------------------------------------------------------------------------------------- command line
@@ -489,8 +622,14 @@ def test_slides_classes_one_string(tmp_path, band_slide):
 
 def cli(*args, cwd=ROOT):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "bundle")}
-    return subprocess.run([sys.executable, "-m", "scripts.data", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "scripts.data", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def assert_one_error_line(result, culprit: str, message: str) -> None:

@@ -14,10 +14,10 @@ from scripts.wsi.reader import open_slide, read_lowres, slide_mpp, tissue_mask
 PINK = (205, 120, 175)
 
 
-
 def listed(*args, **kwargs) -> dict:
     """Run the adapter and read back the datalist it wrote."""
     return json.loads(Path(from_slides(*args, **kwargs)).read_text())
+
 
 def noisy(img, seed=0):
     rng = np.random.default_rng(seed)
@@ -111,7 +111,7 @@ def test_open_slide_errors(slides, tmp_path):
 
 
 def test_slide_level_labels(slides, tmp_path, caplog):
-    rows = [f'{slides["blob"]},"tumor, stroma",training', f'{slides["band"]},stroma,val']
+    rows = [f'{slides["blob"]},"tumor, stroma",training', f"{slides['band']},stroma,val"]
     csv = write_csv(tmp_path / "slides.csv", rows)
     out = tmp_path / "datalist.json"
     with caplog.at_level(logging.INFO, logger="scripts.data.slides"):
@@ -146,8 +146,11 @@ def geojson(path, features):
 
 def poly(x0, y0, x1, y1, cls):
     ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
-    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": {"classification": {"name": cls}}}
+    return {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+        "properties": {"classification": {"name": cls}},
+    }
 
 
 def test_polygon_tags(slides, tmp_path):
@@ -178,8 +181,13 @@ def test_asap_groups_and_exclusion(slides, tmp_path):
         "</Annotations></ASAP_Annotations>"
     )
     csv = write_csv(tmp_path / "s.csv", [f"{slides['band']},band.xml,test"], header="slide,annotation,split")
-    data = listed(str(csv), str(tmp_path / "d.json"), patch_size=256, background_class="normal",
-                       group_map='{"_0": "tumor", "_1": "tumor", "_2": "ignore"}')
+    data = listed(
+        str(csv),
+        str(tmp_path / "d.json"),
+        patch_size=256,
+        background_class="normal",
+        group_map='{"_0": "tumor", "_1": "tumor", "_2": "ignore"}',
+    )
     assert data["classes"] == ["normal", "tumor"]
     assert {e["location"][1] for e in data["test"]} == {256, 512}  # column 0 excluded, not "normal"
     assert all(e["label"] == [0, 1] for e in data["test"])

@@ -7,30 +7,36 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import BUNDLE, configs
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.data import load_decathlon_datalist
 
-from scripts.sam.embeddings import Embeddings
-from scripts.sam.labeler import PseudoLabelHandler
-from scripts.sam.masks import save_pseudo_mask
-from scripts.sam.outputs import patch_size, pseudo_items, write_pseudo_datalist
-from scripts.sam.rules import Rules, cam_cell, object_classes
-from scripts.seg.maps import SegmentationMaps
-from conftest import BUNDLE, configs
 from scripts.atomic import atomic_output
 from scripts.cam.maps import WholeImageCAM
 from scripts.cam.net import CAMNet
+from scripts.data.demo import prepare_demo
 from scripts.errors import DataError
 from scripts.images import read_mask
+from scripts.sam.embeddings import Embeddings
+from scripts.sam.labeler import PseudoLabelHandler
+from scripts.sam.masks import save_pseudo_mask
 from scripts.sam.model import load_sam
+from scripts.sam.outputs import patch_size, pseudo_items, write_pseudo_datalist
+from scripts.sam.rules import Rules, cam_cell, object_classes
 from scripts.seg.data import pseudo_targets
-from scripts.data.demo import prepare_demo
+from scripts.seg.maps import SegmentationMaps
 from scripts.transforms import LoadPatchd
 
 CONFIG = configs("pseudo_label.json")
 RULES = {"ids_threshold": 0.9, "confidence": 0.0, "disagreement": 0.5, "box_rule": True}  # EP-SAM's filter
-TINY = {"sam_backend": "tiny", "sam_image_size": 64, "cam_input_size": 32, "progress_bar": False, "refine_iterations": 0,
-        "prompts#min_area": 16}
+TINY = {
+    "sam_backend": "tiny",
+    "sam_image_size": 64,
+    "cam_input_size": 32,
+    "progress_bar": False,
+    "refine_iterations": 0,
+    "prompts#min_area": 16,
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +44,9 @@ def demo(tmp_path_factory):
     """A 64-px demo (3 training tiles in 32-px patches, 1 validation tile) and a random CAM checkpoint built from
     train_cam.json, as stage 1 would save it."""
     root = tmp_path_factory.mktemp("demo")
-    datalist = prepare_demo(str(root), n_train=3, n_validation=1, n_test=0, tile_size=64, slide_size=64, patch_size=32,
-                            stride=32)
+    datalist = prepare_demo(
+        str(root), n_train=3, n_validation=1, n_test=0, tile_size=64, slide_size=64, patch_size=32, stride=32
+    )
     parser = ConfigParser(ConfigParser.load_config_files(configs("train_cam.json")))
     parser.update({"bundle_root": str(BUNDLE), "datalist": datalist, "pretrained": False})
     torch.manual_seed(0)
@@ -50,8 +57,15 @@ def demo(tmp_path_factory):
 def workflow(demo, out, **override):
     torch.set_num_threads(1)
     datalist, checkpoint = demo
-    wf = ConfigWorkflow(config_file=CONFIG, workflow_type=None, bundle_root=str(BUNDLE), datalist=datalist,
-                        cam_checkpoint=str(checkpoint), output_dir=str(out), **{**TINY, **override})
+    wf = ConfigWorkflow(
+        config_file=CONFIG,
+        workflow_type=None,
+        bundle_root=str(BUNDLE),
+        datalist=datalist,
+        cam_checkpoint=str(checkpoint),
+        output_dir=str(out),
+        **{**TINY, **override},
+    )
     wf.initialize()
     return wf
 
@@ -76,15 +90,18 @@ def test_one_refinement_round_through_monai_bundle(demo, tmp_path):
     data = json.loads((tmp_path / "datalist_pseudo.json").read_text())
     source = json.loads(Path(demo[0]).read_text())
     assert data["classes"] == source["classes"]
-    assert load_decathlon_datalist(str(tmp_path / "datalist_pseudo.json"), False, "validation") == \
-        load_decathlon_datalist(demo[0], False, "validation")  # other splits kept, paths re-based
+    assert load_decathlon_datalist(
+        str(tmp_path / "datalist_pseudo.json"), False, "validation"
+    ) == load_decathlon_datalist(demo[0], False, "validation")  # other splits kept, paths re-based
     assert len(data["training"]) == len(source["training"])
     for entry in data["training"]:
         assert entry["pseudo"].startswith("sam_iter1/") and len(entry["pseudo_layers"]) == 3
         assert all(p.startswith("cam_layers/") for p in entry["pseudo_layers"])
     loaded = load_decathlon_datalist(str(tmp_path / "datalist_pseudo.json"), False, "training")
     for entry in loaded:
-        assert Path(entry["image"]).is_file() and all(Path(p).is_file() for p in [entry["pseudo"], *entry["pseudo_layers"]])
+        assert Path(entry["image"]).is_file() and all(
+            Path(p).is_file() for p in [entry["pseudo"], *entry["pseudo_layers"]]
+        )
         pseudo, tags = read_mask(entry["pseudo"]), np.flatnonzero(entry["label"])
         assert pseudo.shape == (64, 64)  # full-image masks, cropped per patch by the segmentation stage
     tile_tags = {}
@@ -123,14 +140,18 @@ def test_resume_after_interruption_is_identical_and_leaves_no_partial_files(demo
 
     labelled = []
     label = PseudoLabelHandler.label
-    monkeypatch.setattr(PseudoLabelHandler, "label", lambda self, name, *a: labelled.append(name) or label(self, name, *a))
+    monkeypatch.setattr(
+        PseudoLabelHandler, "label", lambda self, name, *a: labelled.append(name) or label(self, name, *a)
+    )
     workflow(demo, resumed).run()
     assert labelled == ["training_001", "training_002"]  # only the missing images
     assert outputs(resumed).keys() == outputs(reference).keys()
     for name, content in outputs(reference).items():
         if name != "datalist_pseudo.json":
             assert outputs(resumed)[name] == content, name
-    assert json.loads((resumed / "datalist_pseudo.json").read_text()) == json.loads((reference / "datalist_pseudo.json").read_text())
+    assert json.loads((resumed / "datalist_pseudo.json").read_text()) == json.loads(
+        (reference / "datalist_pseudo.json").read_text()
+    )
 
 
 def test_an_interrupted_refinement_loads_its_saved_decoder_and_writes_only_missing_masks(demo, tmp_path):
@@ -147,8 +168,9 @@ def test_an_interrupted_refinement_loads_its_saved_decoder_and_writes_only_missi
 @pytest.fixture(scope="module")
 def handler(tmp_path_factory):
     sam = load_sam("tiny", image_size=64)
-    return PseudoLabelHandler([], tmp_path_factory.mktemp("out"), sam, Rules(**RULES, prompt_args={"min_area": 4}), 2,
-                                 Embeddings(sam))
+    return PseudoLabelHandler(
+        [], tmp_path_factory.mktemp("out"), sam, Rules(**RULES, prompt_args={"min_area": 4}), 2, Embeddings(sam)
+    )
 
 
 def test_empty_cam_gives_an_ignore_mask(handler):
@@ -186,7 +208,9 @@ def test_items_group_patches_into_images(tmp_path):
     path.write_text(json.dumps({"classes": ["a", "b"], "training": entries}))
     items = pseudo_items(path)
     assert [i["label"] for i in items] == [[1, 1], [1, 0], [0, 1]]
-    assert items[0]["name"].startswith("x_") and items[1]["name"].startswith("x_") and items[0]["name"] != items[1]["name"]
+    assert (
+        items[0]["name"].startswith("x_") and items[1]["name"].startswith("x_") and items[0]["name"] != items[1]["name"]
+    )
     assert items[2]["name"] == "s_l0_y16_x32" and items[2]["location"] == [16, 32] and "location" not in items[0]
     assert patch_size(path) == 8
     path.write_text(json.dumps({"classes": ["a", "b"], "training": [*entries, {**entries[0], "size": [8, 16]}]}))

@@ -28,10 +28,21 @@ def test_ids_filter_keeps_masks_inside_their_class_region():
     inside = box_mask((20, 20), 6, 6, 14, 14)
     spills = box_mask((20, 20), 0, 0, 20, 12)  # mostly outside the gland CAM
     nearly = box_mask((20, 20), 5, 5, 16, 15)  # 100 of 110 pixels inside: IDS 0.909
-    mask, keep = sam_pseudo_mask(np.stack([inside, spills, nearly]), [1, 1, 1], cams, [1, 1], cam_threshold=0.5, ids_threshold=0.9, disagreement=0.5, confidence=0.5)
+    mask, keep = sam_pseudo_mask(
+        np.stack([inside, spills, nearly]),
+        [1, 1, 1],
+        cams,
+        [1, 1],
+        cam_threshold=0.5,
+        ids_threshold=0.9,
+        disagreement=0.5,
+        confidence=0.5,
+    )
     assert keep.tolist() == [True, False, True]
     assert (mask[6:14, 6:14] == 1).all()
-    assert sam_pseudo_mask(np.stack([nearly]), [1], cams, [1, 1], ids_threshold=0.95, cam_threshold=0.5, disagreement=0.5, confidence=0.5)[1].tolist() == [False]
+    assert sam_pseudo_mask(
+        np.stack([nearly]), [1], cams, [1, 1], ids_threshold=0.95, cam_threshold=0.5, disagreement=0.5, confidence=0.5
+    )[1].tolist() == [False]
 
 
 def test_overlaps_are_resolved_by_cam_score():
@@ -48,7 +59,16 @@ def test_untagged_classes_never_appear():
     out = fuse(np.ones((2, 8, 8), bool), [2, 1], cams, [1, 1, 0])
     assert set(np.unique(out)) == {1}
     assert 2 not in cam_pseudo_mask(cams, [1, 1, 0])
-    _, keep = sam_pseudo_mask(np.ones((1, 8, 8), bool), [2], cams, [1, 1, 0], cam_threshold=0.5, ids_threshold=0.9, disagreement=0.5, confidence=0.5)
+    _, keep = sam_pseudo_mask(
+        np.ones((1, 8, 8), bool),
+        [2],
+        cams,
+        [1, 1, 0],
+        cam_threshold=0.5,
+        ids_threshold=0.9,
+        disagreement=0.5,
+        confidence=0.5,
+    )
     assert keep.tolist() == [False]
 
 
@@ -79,14 +99,29 @@ def test_inside_its_box_sam_draws_the_boundary():
     assert (fuse(sam, [1], cams, [1, 1, 1], boxes=box)[1:3, 3:9] == IGNORE).all()  # several others, no CAM: unsure
     assert (fuse(sam, [1], cams, [0, 1, 0], boxes=box)[1:3, 3:9] == IGNORE).all()  # no other tagged class
     assert (fuse(sam, [1], cams, [1, 1, 0])[1:9, 1:9] == 1).all()  # without boxes the CAM keeps its blob
-    masks, keep = sam_pseudo_mask(np.concatenate([sam, ~sam]), [1, 1], cams, [1, 1, 0], boxes=box * 2, cam_threshold=0.5, ids_threshold=0.9, disagreement=0.5, confidence=0.5)
+    masks, keep = sam_pseudo_mask(
+        np.concatenate([sam, ~sam]),
+        [1, 1],
+        cams,
+        [1, 1, 0],
+        boxes=box * 2,
+        cam_threshold=0.5,
+        ids_threshold=0.9,
+        disagreement=0.5,
+        confidence=0.5,
+    )
     assert keep.tolist() == [True, False] and (masks[1:3, 3:9] == 0).all()  # a rejected mask's box changes nothing
 
 
 @pytest.mark.parametrize("cams", [np.zeros((2, 12, 9)), np.full((2, 12, 9), np.nan)])
 def test_a_cam_without_foreground_gives_an_all_ignore_mask(cams):
     masks = np.ones((1, 12, 9), bool)
-    for out in (sam_pseudo_mask(masks, [1], cams, [1, 1], cam_threshold=0.5, ids_threshold=0.9, disagreement=0.5, confidence=0.5)[0], cam_pseudo_mask(cams, [1, 1])):
+    for out in (
+        sam_pseudo_mask(
+            masks, [1], cams, [1, 1], cam_threshold=0.5, ids_threshold=0.9, disagreement=0.5, confidence=0.5
+        )[0],
+        cam_pseudo_mask(cams, [1, 1]),
+    ):
         assert out.dtype == np.uint8 and out.shape == (12, 9) and (out == IGNORE).all()
     assert (fuse(np.zeros((0, 12, 9), bool), [], np.ones((2, 12, 9)), [0, 0]) == IGNORE).all()
 
@@ -122,7 +157,17 @@ def test_one_mask_per_object_and_an_unprompted_background_class():
     kept = box_mask((20, 40), 4, 4, 16, 16)  # SAM's outline of the left gland, tighter than the blurry CAM
     spills = box_mask((20, 40), 0, 20, 20, 40)  # SAM's mask of the right gland leaks into stroma: IDS 0.64
     boxes = [[2, 2, 17, 17], [2, 22, 17, 37]]
-    out, keep = sam_pseudo_mask(np.stack([kept, spills]), [1, 1], cams, [1, 1], boxes=boxes, cam_threshold=0.5, ids_threshold=0.9, disagreement=0.5, confidence=0.5)
+    out, keep = sam_pseudo_mask(
+        np.stack([kept, spills]),
+        [1, 1],
+        cams,
+        [1, 1],
+        boxes=boxes,
+        cam_threshold=0.5,
+        ids_threshold=0.9,
+        disagreement=0.5,
+        confidence=0.5,
+    )
     assert keep.tolist() == [True, False]
     assert (out[kept] == 1).all() and (out[2:18, 2:18][~kept[2:18, 2:18]] == 0).all()
     assert (out[2:18, 22:38] == 1).all()  # the rejected mask's box has no say: the CAM keeps that gland

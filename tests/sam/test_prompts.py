@@ -19,7 +19,9 @@ def blobs(shape, centres, radius, value=1.0):
 def cones(shape, centres, radius):
     """A CAM that peaks at each centre and falls off linearly, like a blurred object; touching where they overlap."""
     rows, cols = np.indices(shape)
-    return np.max([np.clip(1 - np.hypot(rows - y, cols - x) / radius, 0, None) for y, x in centres], 0).astype(np.float32)
+    return np.max([np.clip(1 - np.hypot(rows - y, cols - x) / radius, 0, None) for y, x in centres], 0).astype(
+        np.float32
+    )
 
 
 def test_no_component_gives_empty_prompts_of_the_right_shapes():

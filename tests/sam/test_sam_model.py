@@ -3,15 +3,14 @@
 import numpy as np
 import pytest
 import torch
+from conftest import shared
 from skimage.draw import ellipse
 from skimage.measure import regionprops
 
 from scripts.errors import DataError
 from scripts.images import read_mask, read_rgb
-from scripts.sam.prompts import cam_prompts
 from scripts.sam.model import Frame, from_sam, load_sam, official_checkpoint, to_sam
-
-from conftest import shared
+from scripts.sam.prompts import cam_prompts
 
 SHAPES = [(522, 775), (775, 522), (40, 90), (1, 300)]
 
@@ -101,8 +100,9 @@ def test_box_only_prompts_decode_as_boxes_alone(tiny):
     prompts = cam_prompts(cam, [1, 1], n_positive=0, n_negative=0, min_area=4, objects=[1])
     assert len(prompts) == 2 and prompts.points.shape == (2, 0, 2) and prompts.labels.shape == (2, 0)
     emb = tiny.embed(np.random.default_rng(2).integers(0, 255, (50, 120, 3), dtype=np.uint8))
-    np.testing.assert_array_equal(tiny.predict(emb, prompts.boxes, prompts.points, prompts.labels).probs,
-                                  tiny.predict(emb, prompts.boxes).probs)
+    np.testing.assert_array_equal(
+        tiny.predict(emb, prompts.boxes, prompts.points, prompts.labels).probs, tiny.predict(emb, prompts.boxes).probs
+    )
 
 
 def test_points_only_multimask_and_no_prompts(tiny):

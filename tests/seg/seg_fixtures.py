@@ -11,8 +11,9 @@ from scripts.images import read_mask
 
 
 def demo_with_pseudo_masks(demo: str) -> str:
-    """The tiny demo (conftest's ``tiny_demo``) with a ``datalist_pseudo.json`` beside it whose training entries carry
-    ``pseudo`` and three ``pseudo_layers``: the mask with 0, 4 and 8 border rows set to 255 (ignore). Returns its path."""
+    """The tiny demo (conftest's ``tiny_demo``) with a ``datalist_pseudo.json`` beside it whose training entries
+    carry ``pseudo`` and three ``pseudo_layers``: the mask with 0, 4 and 8 border rows set to 255 (ignore).
+    Returns its path."""
     datalist = Path(demo)
     root = datalist.parent
     data = json.loads(datalist.read_text())

@@ -74,5 +74,6 @@ def test_easy_mining_weights_pixels_by_their_normalised_loss_per_class():
     assert loss.item() == pytest.approx((1 * easy + 0 * hard + 1 * lone) / 2)
     loss.backward()
     assert torch.all(pred.grad[..., 1] == 0)  # the hardest pixel of class 0 teaches nothing
-    torch.testing.assert_close(PseudoSupervisionLoss((1.0,), easy_mining=True)(PRED, torch.full_like(target, 255)),
-                               torch.tensor(0.0))  # nothing labelled: 0, not NaN
+    torch.testing.assert_close(
+        PseudoSupervisionLoss((1.0,), easy_mining=True)(PRED, torch.full_like(target, 255)), torch.tensor(0.0)
+    )  # nothing labelled: 0, not NaN

@@ -1,11 +1,11 @@
-"""multi_gpu_train.json merged on top of the segmentation trainer config, started by torchrun with 2 CPU ranks (gloo)."""
+"""multi_gpu_train.json merged on top of the segmentation trainer config, started by torchrun with 2 CPU ranks
+(gloo)."""
 
 import os
 import subprocess
 import sys
 
 import torch
-
 from conftest import BUNDLE, ROOT, configs
 from seg_fixtures import demo_with_pseudo_masks
 
@@ -15,12 +15,34 @@ MULTI = BUNDLE / "configs" / "multi_gpu_train.json"
 
 def test_two_cpu_ranks_train_one_epoch(tmp_path, tiny_demo):
     datalist = demo_with_pseudo_masks(tiny_demo)
-    overrides = {"pseudo_datalist": datalist, "ckpt_dir": tmp_path / "models", "log_dir": tmp_path / "logs", "pretrained": False,
-                 "batch_size": 2, "num_workers": 0, "progress_bar": False, "max_epochs": 1}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "monai.bundle", "run", "--bundle_root", str(BUNDLE), "--config_file", str([*TRAIN, str(MULTI)]),
-               "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
-               *[a for k, v in overrides.items() for a in (f"--{k}", str(v))]]
+    overrides = {
+        "pseudo_datalist": datalist,
+        "ckpt_dir": tmp_path / "models",
+        "log_dir": tmp_path / "logs",
+        "pretrained": False,
+        "batch_size": 2,
+        "num_workers": 0,
+        "progress_bar": False,
+        "max_epochs": 1,
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--bundle_root",
+        str(BUNDLE),
+        "--config_file",
+        str([*TRAIN, str(MULTI)]),
+        "--meta_file",
+        str(BUNDLE / "configs" / "metadata.json"),
+        *[a for k, v in overrides.items() for a in (f"--{k}", str(v))],
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]

@@ -7,8 +7,17 @@ from scripts.seg.data import hold_out, layer_keys, pseudo_targets, whole_images
 
 
 def patches(n_images, per_image=3):
-    return [{"image": f"/d/img_{i}.png", "mask": f"/d/m_{i}.png", "location": [0, 32 * j], "size": [32, 32], "label": [1, 0]}
-            for i in range(n_images) for j in range(per_image)]
+    return [
+        {
+            "image": f"/d/img_{i}.png",
+            "mask": f"/d/m_{i}.png",
+            "location": [0, 32 * j],
+            "size": [32, 32],
+            "label": [1, 0],
+        }
+        for i in range(n_images)
+        for j in range(per_image)
+    ]
 
 
 def test_hold_out_keeps_images_whole_and_is_deterministic():
@@ -49,12 +58,15 @@ def test_whole_images_collapse_patches():
     ]
 
 
-@pytest.mark.parametrize("entries, match", [
-    ([{"image": "a.png", "label": [1]}], "a.png: no ground-truth 'mask'"),
-    ([{"image": "s.tif", "mask": "m.tif", "level": 0, "location": [0, 0], "size": [8, 8]}], "s.tif: a slide patch"),
-    ([{"image": "x/a.png", "mask": "m"}, {"image": "y/a.png", "mask": "m"}], "share the name 'a'"),
-    ([], "no images to evaluate"),
-])
+@pytest.mark.parametrize(
+    "entries, match",
+    [
+        ([{"image": "a.png", "label": [1]}], "a.png: no ground-truth 'mask'"),
+        ([{"image": "s.tif", "mask": "m.tif", "level": 0, "location": [0, 0], "size": [8, 8]}], "s.tif: a slide patch"),
+        ([{"image": "x/a.png", "mask": "m"}, {"image": "y/a.png", "mask": "m"}], "share the name 'a'"),
+        ([], "no images to evaluate"),
+    ],
+)
 def test_whole_images_refuses_what_it_cannot_evaluate(entries, match):
     with pytest.raises(DataError, match=match):
         whole_images(entries)

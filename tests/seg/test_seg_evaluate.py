@@ -9,16 +9,16 @@ import sys
 
 import pytest
 import torch
+from conftest import BUNDLE, ROOT, configs
 from monai.bundle import ConfigWorkflow
 from monai.networks.nets import FlexibleUNet
 from PIL import Image
+from seg_fixtures import demo_with_pseudo_masks, validation_pixels
 
-from conftest import BUNDLE, ROOT, configs
 import scripts.seg.net  # noqa: F401  (registers efficientnet-lite0 in FlexibleUNet)
 from scripts.cam.net import CAMNet
 from scripts.seg.net import GatedSegmenter
 from scripts.tta import Averaged
-from seg_fixtures import demo_with_pseudo_masks, validation_pixels
 
 CONFIG = configs("train.json", "evaluate.json")
 torch.set_num_threads(1)
@@ -38,25 +38,55 @@ def setup(tmp_path_factory, tiny_demo):
     # outputs (>= 0), so the logits are -sum and +sum of them
     classifier = CAMNet(3, pretrained=False)
     with torch.no_grad():
-        classifier.classifier.weight.copy_(torch.tensor([1.0, -1.0, 1.0])[:, None, None, None].expand_as(classifier.classifier.weight))
+        classifier.classifier.weight.copy_(
+            torch.tensor([1.0, -1.0, 1.0])[:, None, None, None].expand_as(classifier.classifier.weight)
+        )
     torch.save(classifier.state_dict(), root / "cam_best.pt")
     return datalist, root
 
 
 def test_command_line_writes_metrics_csv_and_overlays(setup, tmp_path):
     datalist, root = setup
-    args = {"datalist": datalist, "ckpt_path": root / "model.pt", "output_dir": tmp_path, "num_workers": 0,
-            "progress_bar": False, "roi_size": "[32,32]"}
+    args = {
+        "datalist": datalist,
+        "ckpt_path": root / "model.pt",
+        "output_dir": tmp_path,
+        "num_workers": 0,
+        "progress_bar": False,
+        "roi_size": "[32,32]",
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(BUNDLE), "--config_file", str(CONFIG),
-         *[a for k, v in args.items() for a in (f"--{k}", str(v))]],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--bundle_root",
+            str(BUNDLE),
+            "--config_file",
+            str(CONFIG),
+            *[a for k, v in args.items() for a in (f"--{k}", str(v))],
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["images"] == 2 and metrics["classes"] == ["stroma", "gland", "lymphocytes"]
-    for key in ("miou", "fwiou", "dice", "mean_dice", "image_dice", "pixel_accuracy", "iou_gland", "dice_gland",
-                "object_f1", "object_dice"):
+    for key in (
+        "miou",
+        "fwiou",
+        "dice",
+        "mean_dice",
+        "image_dice",
+        "pixel_accuracy",
+        "iou_gland",
+        "dice_gland",
+        "object_f1",
+        "object_dice",
+    ):
         assert key in metrics, key
     # whole images, not the 32-px patches of the datalist: every mask pixel counted exactly once
     assert sum(map(sum, metrics["confusion_matrix"])) == validation_pixels(datalist)
@@ -71,9 +101,18 @@ def evaluate(setup, out, check=None, **override):
     """Run evaluate.json with ``override``s; ``check(workflow)`` sees the initialised workflow before the run."""
     datalist, root = setup
     wf = ConfigWorkflow(
-        config_file=CONFIG, workflow_type=None, bundle_root=str(BUNDLE), datalist=datalist,
-        ckpt_path=str(root / "model.pt"), classifier_path=str(root / "cam_best.pt"), output_dir=str(out),
-        num_workers=0, progress_bar=False, roi_size=[32, 32], overlays=False, **override,
+        config_file=CONFIG,
+        workflow_type=None,
+        bundle_root=str(BUNDLE),
+        datalist=datalist,
+        ckpt_path=str(root / "model.pt"),
+        classifier_path=str(root / "cam_best.pt"),
+        output_dir=str(out),
+        num_workers=0,
+        progress_bar=False,
+        roi_size=[32, 32],
+        overlays=False,
+        **override,
     )
     wf.initialize()
     if check is not None:
@@ -94,7 +133,10 @@ def test_gate_removes_the_classes_the_classifier_rejects(setup, tmp_path):
     gland_predicted = lambda m: sum(row[1] for row in m["confusion_matrix"])  # noqa: E731
     assert gland_predicted(plain) > 0 and gland_predicted(gated) == 0
     # a threshold no class reaches leaves every window as it was (the gate never zeroes all classes)
-    assert evaluate(setup, tmp_path / "none", gate=True, gate_threshold=1.1)["confusion_matrix"] == plain["confusion_matrix"]
+    assert (
+        evaluate(setup, tmp_path / "none", gate=True, gate_threshold=1.1)["confusion_matrix"]
+        == plain["confusion_matrix"]
+    )
 
 
 def test_tta_averages_flipped_views_of_every_image(setup, tmp_path):

@@ -11,7 +11,12 @@ from ignite.engine import Engine
 from PIL import Image
 
 from scripts.seg.metrics import (
-    SegmentationReport, confusion_matrix, object_f1, object_scores, pseudo_agreement, scores,
+    SegmentationReport,
+    confusion_matrix,
+    object_f1,
+    object_scores,
+    pseudo_agreement,
+    scores,
 )
 
 # 7 pixels, 3 classes: 255 (ignore) and 7 (outside the classes) are not counted; class 2 is predicted only on an

@@ -21,7 +21,10 @@ def unet():
 def test_encoder_is_registered_in_flexible_unet():
     entry = FLEXUNET_BACKBONE.register_dict["efficientnet-lite0"]
     assert entry["type"] is EfficientNetLite0Encoder
-    assert list(entry["feature_channel"]) == timm.create_model("tf_efficientnet_lite0", features_only=True).feature_info.channels()
+    assert (
+        list(entry["feature_channel"])
+        == timm.create_model("tf_efficientnet_lite0", features_only=True).feature_info.channels()
+    )
 
 
 @pytest.mark.parametrize("size", [(64, 64), (112, 112), (70, 90)])

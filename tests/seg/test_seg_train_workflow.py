@@ -1,5 +1,5 @@
-"""train.json (stage 3, run id `run`) through monai.bundle on tiny synthetic data with fake pseudo-masks: one epoch from the command line,
-MONAI Label's keys, verify_net_in_out and TorchScript export of the trained model."""
+"""train.json (stage 3, run id `run`) through monai.bundle on tiny synthetic data with fake pseudo-masks: one epoch
+from the command line, MONAI Label's keys, verify_net_in_out and TorchScript export of the trained model."""
 
 import os
 import subprocess
@@ -7,9 +7,8 @@ import sys
 
 import pytest
 import torch
-from monai.bundle import ConfigParser, ConfigWorkflow
-
 from conftest import BUNDLE, ROOT, configs
+from monai.bundle import ConfigParser, ConfigWorkflow
 from seg_fixtures import demo_with_pseudo_masks
 
 CONFIG = configs("train.json")
@@ -21,7 +20,9 @@ torch.set_num_threads(1)
 
 
 def cli(*args, cwd=ROOT):
-    result = subprocess.run([sys.executable, "-m", "monai.bundle", *args], capture_output=True, text=True, cwd=cwd, env=ONE_THREAD)
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args], capture_output=True, text=True, cwd=cwd, env=ONE_THREAD
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -35,9 +36,21 @@ def trained(tmp_path_factory, tiny_demo):
     """One epoch from the repo root with the MLPS layers (0.6 / 0.2 / 0.2 chosen from 'pseudo_layers')."""
     root = tmp_path_factory.mktemp("seg")
     datalist = demo_with_pseudo_masks(tiny_demo)
-    result = cli("run", "--bundle_root", str(BUNDLE), "--config_file", str(CONFIG), "--meta_file", str(META),
-                 *overrides(pseudo_datalist=datalist, ckpt_dir=root / "models", log_dir=root / "logs",
-                            **{**TINY, "train#trainer#max_epochs": 1}))
+    result = cli(
+        "run",
+        "--bundle_root",
+        str(BUNDLE),
+        "--config_file",
+        str(CONFIG),
+        "--meta_file",
+        str(META),
+        *overrides(
+            pseudo_datalist=datalist,
+            ckpt_dir=root / "models",
+            log_dir=root / "logs",
+            **{**TINY, "train#trainer#max_epochs": 1},
+        ),
+    )
     return datalist, root, result.stderr + result.stdout
 
 
@@ -56,16 +69,36 @@ def test_monai_label_keys_and_properties(trained, tmp_path):
     datalist, _, _ = trained
     parser = ConfigParser()
     parser.read_config(CONFIG)
-    for key in ("train#dataset#data", "validate#dataset#data", "train#trainer#max_epochs", "network_def", "network",
-                "device", "bundle_root", "run", "train#handlers", "train#dataloader#num_workers",
-                "validate#dataloader#num_workers"):
+    for key in (
+        "train#dataset#data",
+        "validate#dataset#data",
+        "train#trainer#max_epochs",
+        "network_def",
+        "network",
+        "device",
+        "bundle_root",
+        "run",
+        "train#handlers",
+        "train#dataloader#num_workers",
+        "validate#dataloader#num_workers",
+    ):
         assert key in parser, key
-    wf = ConfigWorkflow(config_file=CONFIG, workflow_type="train", bundle_root=str(BUNDLE), pseudo_datalist=datalist,
-                        ckpt_dir=str(tmp_path), log_dir=str(tmp_path), **TINY)
+    wf = ConfigWorkflow(
+        config_file=CONFIG,
+        workflow_type="train",
+        bundle_root=str(BUNDLE),
+        pseudo_datalist=datalist,
+        ckpt_dir=str(tmp_path),
+        log_dir=str(tmp_path),
+        **TINY,
+    )
     wf.initialize()
     assert not wf.check_properties()
     assert wf.parser.get_parsed_content("layer_weights") == [0.6, 0.2, 0.2]  # MLPS: one weight per pseudo_layers mask
-    train, held = wf.parser.get_parsed_content("train#dataset#data"), wf.parser.get_parsed_content("validate#dataset#data")
+    train, held = (
+        wf.parser.get_parsed_content("train#dataset#data"),
+        wf.parser.get_parsed_content("validate#dataset#data"),
+    )
     assert held and not {e["image"] for e in train} & {e["image"] for e in held}  # held-back images never trained on
     batch = wf.parser.get_parsed_content("train#preprocessing")(train[0])
     assert batch["image"].shape == (3, 32, 32) and batch["label"].shape == (3, 32, 32)
@@ -74,9 +107,17 @@ def test_monai_label_keys_and_properties(trained, tmp_path):
 
 def test_fixed_schedule_without_holdout(trained, tmp_path):
     datalist, _, _ = trained
-    wf = ConfigWorkflow(config_file=CONFIG, workflow_type="train", bundle_root=str(BUNDLE), pseudo_datalist=datalist,
-                        ckpt_dir=str(tmp_path), log_dir=str(tmp_path), holdout_fraction=0, layer_weights=[1.0],
-                        **{**TINY, "train#trainer#max_epochs": 1})
+    wf = ConfigWorkflow(
+        config_file=CONFIG,
+        workflow_type="train",
+        bundle_root=str(BUNDLE),
+        pseudo_datalist=datalist,
+        ckpt_dir=str(tmp_path),
+        log_dir=str(tmp_path),
+        holdout_fraction=0,
+        layer_weights=[1.0],
+        **{**TINY, "train#trainer#max_epochs": 1},
+    )
     wf.initialize()
     wf.run()
     assert {p.name for p in tmp_path.iterdir() if p.suffix == ".pt"} == {"model.pt"}
@@ -86,14 +127,36 @@ def test_fixed_schedule_without_holdout(trained, tmp_path):
 def test_verify_net_in_out_and_torchscript_export(trained, tmp_path):
     # like every MONAI bundle command other than `run`, these import `scripts` from the bundle folder
     datalist, root, _ = trained
-    cli("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json", "--config_file",
-        "['configs/common.json','configs/train.json']", *overrides(pseudo_datalist=datalist, pretrained=False), cwd=BUNDLE)
+    cli(
+        "verify_net_in_out",
+        "network_def",
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "['configs/common.json','configs/train.json']",
+        *overrides(pseudo_datalist=datalist, pretrained=False),
+        cwd=BUNDLE,
+    )
     exported = tmp_path / "model.ts"
-    cli("ckpt_export", "network_def", "--filepath", str(exported), "--ckpt_file", str(root / "models" / "model.pt"),
-        "--meta_file", "configs/metadata.json", "--config_file", "configs/common.json", "--key_in_ckpt", "model", *overrides(datalist=datalist),
-        cwd=BUNDLE)
-    import scripts.seg.net  # noqa: F401  (registers efficientnet-lite0)
+    cli(
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        str(exported),
+        "--ckpt_file",
+        str(root / "models" / "model.pt"),
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/common.json",
+        "--key_in_ckpt",
+        "model",
+        *overrides(datalist=datalist),
+        cwd=BUNDLE,
+    )
     from monai.networks.nets import FlexibleUNet
+
+    import scripts.seg.net  # noqa: F401  (registers efficientnet-lite0)
 
     net = FlexibleUNet(3, 3, "efficientnet-lite0", pretrained=False).eval()
     net.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True)["model"])

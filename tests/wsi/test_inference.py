@@ -67,8 +67,13 @@ def test_outputs_round_trip(tmp_path):
     si = inference()
     summary = si([square_slide(tmp_path / "square.tif")], tmp_path / "out")[0]
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["square.geojson", "square_labels.tif", "square_overlay.png",
-                                                     "square_probabilities.npy", "square_summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "square.geojson",
+        "square_labels.tif",
+        "square_overlay.png",
+        "square_probabilities.npy",
+        "square_summary.json",
+    ]
     # the label TIFF: the inference level (1 um/px = level 1, 384 x 256) with its mpp, a pyramid OpenSlide opens
     slide = openslide.OpenSlide(str(out / "square_labels.tif"))
     assert slide.dimensions == (384, 256) and slide.level_count == 2 and slide.level_dimensions[1] == (192, 128)
@@ -230,16 +235,46 @@ def test_inference_config_through_monai_bundle(tmp_path):
     Image.fromarray(square_rgb()).save(folder / "tile.png")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "inference", "--bundle_root", str(BUNDLE),
-         "--config_file", str(BUNDLE / "configs" / "inference.json"), "--input_dir", str(folder),
-         "--output_dir", str(tmp_path / "out"), "--ckpt_path", "$None", "--roi_size", "[64, 64]", "--tile_size", "128",
-         "--num_workers", "1", "--progress_bar", "False", "--tta", "flip"],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "inference",
+            "--bundle_root",
+            str(BUNDLE),
+            "--config_file",
+            str(BUNDLE / "configs" / "inference.json"),
+            "--input_dir",
+            str(folder),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--ckpt_path",
+            "$None",
+            "--roi_size",
+            "[64, 64]",
+            "--tile_size",
+            "128",
+            "--num_workers",
+            "1",
+            "--progress_bar",
+            "False",
+            "--tta",
+            "flip",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "randomly initialised" in result.stdout + result.stderr
     assert f"1 of 3 inputs failed: {folder / 'broken.png'}: cannot read the image" in " ".join(result.stderr.split())
     assert {json.loads(p.read_text())["slide"] for p in (tmp_path / "out").glob("*_summary.json")} == {
-        str(folder / "square.tif"), str(folder / "tile.png")}
+        str(folder / "square.tif"),
+        str(folder / "tile.png"),
+    }
 
     parser = inference_config(roi_size=[64, 64])
     for key in ("network_def", "preprocessing", "inferer", "postprocessing", "device", "bundle_root"):
@@ -283,8 +318,13 @@ def test_monai_label_keys_and_slide_inference_give_the_same_labels(tmp_path):
         rgb[max(0, y - 8) : y + 8, max(0, x - 8) : x + 8] = PURPLE
     rgb = np.clip(rgb + rng.integers(-8, 9, rgb.shape), 0, 255).astype(np.uint8)
     Image.fromarray(rgb).save(tmp_path / "tile.png")
-    tiny = {"_target_": "BasicUNet", "spatial_dims": 2, "in_channels": 3, "out_channels": "$len(@classes)",
-            "features": [4, 4, 8, 8, 16, 4]}
+    tiny = {
+        "_target_": "BasicUNet",
+        "spatial_dims": 2,
+        "in_channels": 3,
+        "out_channels": "$len(@classes)",
+        "features": [4, 4, 8, 8, 16, 4],
+    }
     parser = inference_config(**ON_CPU, roi_size=[192, 192], overlap=0.0, tile_size=192, network_def=tiny)
     torch.manual_seed(0)
     slide = slide_labels(parser, tmp_path / "tile.png", tmp_path / "out")
@@ -294,11 +334,15 @@ def test_monai_label_keys_and_slide_inference_give_the_same_labels(tmp_path):
     np.testing.assert_array_equal(slide, monai_label)
 
 
-@pytest.mark.parametrize("override, gland_where", [
-    ({}, "purple"),
-    ({"scale_intensity#a_max": 510}, "all"),  # red 230 -> 0.45: dark enough for ColourNet's gland everywhere
-    ({"activation": {"_target_": "torch.nn.Softmin", "dim": -3}}, "pink"),  # the classes' order reversed
-], ids=["shipped", "scaling", "activation"])
+@pytest.mark.parametrize(
+    "override, gland_where",
+    [
+        ({}, "purple"),
+        ({"scale_intensity#a_max": 510}, "all"),  # red 230 -> 0.45: dark enough for ColourNet's gland everywhere
+        ({"activation": {"_target_": "torch.nn.Softmin", "dim": -3}}, "pink"),  # the classes' order reversed
+    ],
+    ids=["shipped", "scaling", "activation"],
+)
 def test_both_paths_take_scaling_and_activation_from_the_config(tmp_path, override, gland_where):
     """Change inference.json's ``scale_intensity`` or ``activation`` and slide inference follows, as MONAI Label's
     keys do: neither path has a copy of its own."""

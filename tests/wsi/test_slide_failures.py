@@ -31,8 +31,13 @@ from scripts.wsi.plan import debris_size
 
 torch.set_num_threads(1)
 
-OUTPUT_NAMES = ["square.geojson", "square_labels.tif", "square_overlay.png", "square_probabilities.npy",
-                "square_summary.json"]
+OUTPUT_NAMES = [
+    "square.geojson",
+    "square_labels.tif",
+    "square_overlay.png",
+    "square_probabilities.npy",
+    "square_summary.json",
+]
 
 
 def enospc(*args, **kwargs):
@@ -57,8 +62,10 @@ def failing_pwrite(suffix: str):
 
 # the writers of one slide, each made to meet a full disk: (what to patch, the output the error must name)
 FULL_DISK = {
-    "probabilities chunk": (lambda mp: mp.setattr(os, "pwrite", failing_pwrite("_probabilities.npy")),
-                            "square_probabilities.npy"),
+    "probabilities chunk": (
+        lambda mp: mp.setattr(os, "pwrite", failing_pwrite("_probabilities.npy")),
+        "square_probabilities.npy",
+    ),
     "label scratch": (lambda mp: mp.setattr(os, "pwrite", failing_pwrite("_labels.raw")), "square_labels.tif"),
     "label TIFF": (lambda mp: mp.setattr(tifffile.TiffWriter, "write", enospc), "square_labels.tif"),
     "GeoJSON": (lambda mp: mp.setattr(outputs.json, "dump", enospc), "square.geojson"),
@@ -118,8 +125,10 @@ def test_free_space_is_checked_before_any_tile(tmp_path, monkeypatch):
     assert needs["label scratch file"] == 256 * 384 and needs["probabilities"] == 2 * 2 * 64 * 96 + 128
     usage = outputs.shutil.disk_usage(tmp_path)
     monkeypatch.setattr(outputs.shutil, "disk_usage", lambda p: usage._replace(free=5_000_000))
-    numbers = (r"about 16.1 MB needed \(label scratch file 98.3 kB, probabilities 24.7 kB, label TIFF \+ GeoJSON \+ "
-               r"overlay \(estimate\) 16.0 MB\), 5.0 MB free")
+    numbers = (
+        r"about 16.1 MB needed \(label scratch file 98.3 kB, probabilities 24.7 kB, label TIFF \+ GeoJSON \+ "
+        r"overlay \(estimate\) 16.0 MB\), 5.0 MB free"
+    )
     with pytest.raises(DataError, match=rf"{out}: not enough free disk space for the outputs of {path}: {numbers}"):
         inference(network)([path], out)
     assert network.calls == 0 and os.listdir(out) == []
@@ -140,8 +149,14 @@ def test_leftovers_of_killed_runs_are_removed_by_the_next_run(tmp_path):
     (out / ".square.partial").mkdir(parents=True)
     for name in ("lock", "square_labels.raw", "square_probabilities.npy"):
         (out / ".square.partial" / name).write_bytes(b"x" * 100)
-    old = [".square.k2j_a9x1.labels.tmp", ".square_probabilities.0123abcd.tmp.npy", ".square_labels.89abcdef.tmp.tif",
-           ".square.0123abcd.tmp.geojson", ".square_overlay.0123abcd.tmp.png", ".square_summary.0123abcd.tmp.json"]
+    old = [
+        ".square.k2j_a9x1.labels.tmp",
+        ".square_probabilities.0123abcd.tmp.npy",
+        ".square_labels.89abcdef.tmp.tif",
+        ".square.0123abcd.tmp.geojson",
+        ".square_overlay.0123abcd.tmp.png",
+        ".square_summary.0123abcd.tmp.json",
+    ]
     others = [".square_other.0123abcd.tmp.json", ".other.k2j_a9x1.labels.tmp", ".square.partial.txt", "notes.txt"]
     for name in old + others:
         (out / name).write_bytes(b"x")
@@ -213,8 +228,11 @@ class NaNNet(nn.Module):
 def test_nan_network_output_names_the_checkpoint_and_the_slide(tmp_path):
     """Before: a NaN-weight checkpoint labelled every pixel one class, exit 0."""
     path, out = square_slide(tmp_path / "square.tif"), tmp_path / "out"
-    with pytest.raises(DataError, match=rf"{path}: models/model.pt: the network's output is NaN or infinite on {path} "
-                                        r"\(the tile at grid row \d+, column \d+\)"):
+    with pytest.raises(
+        DataError,
+        match=rf"{path}: models/model.pt: the network's output is NaN or infinite on {path} "
+        r"\(the tile at grid row \d+, column \d+\)",
+    ):
         inference(NaNNet(), checkpoint="models/model.pt")([path], out)
     assert os.listdir(out) == []
     with pytest.raises(DataError, match="the network \\(no checkpoint: random weights\\): the network's output is NaN"):
@@ -226,8 +244,11 @@ def test_nan_weights_are_refused_when_loaded(tmp_path):
     state = net.state_dict()
     state["weight"][0, 0] = float("nan")
     torch.save(state, tmp_path / "diverged.pt")
-    with pytest.raises(DataError, match=r"diverged.pt: the segmentation model checkpoint holds NaN or infinite weights "
-                                        r"\(1 tensors, e.g. weight\)"):
+    with pytest.raises(
+        DataError,
+        match=r"diverged.pt: the segmentation model checkpoint holds NaN or infinite weights "
+        r"\(1 tensors, e.g. weight\)",
+    ):
         load_weights(nn.Conv2d(3, 2, 1), str(tmp_path / "diverged.pt"), "cpu")
 
 
@@ -254,8 +275,9 @@ def test_tiles_smaller_than_the_debris_size_get_a_tissue_decision(tmp_path, size
     speck[4:7, 4:7] = PINK  # 9 px, under a sixteenth of the tile: debris
     for name, image in (("tissue", rgb), ("glass", glass), ("speck", speck)):
         Image.fromarray(image).save(tmp_path / f"{name}.png")
-    tissue, empty, specked = inference(mpp=0.5)([tmp_path / f"{n}.png" for n in ("tissue", "glass", "speck")],
-                                               tmp_path / "out")
+    tissue, empty, specked = inference(mpp=0.5)(
+        [tmp_path / f"{n}.png" for n in ("tissue", "glass", "speck")], tmp_path / "out"
+    )
     labels = tifffile.imread(tmp_path / "out" / "tissue_labels.tif")
     expected = np.zeros((size, size), np.uint8)
     expected[size // 4 : size // 2, size // 4 : size // 2] = 1

@@ -36,8 +36,15 @@ def corner_plan(tmp_path):
     rgb = np.full((384, 384, 3), GLASS, np.uint8)
     rgb[:150, :150] = PINK
     Image.fromarray(rgb).save(tmp_path / "corner.png")
-    return plan_slide(str(tmp_path / "corner.png"), tile=128, margin=8, model_mpp=0.5, slide_mpp=None,
-                      mpp_tolerance=0.1, backend="cucim")
+    return plan_slide(
+        str(tmp_path / "corner.png"),
+        tile=128,
+        margin=8,
+        model_mpp=0.5,
+        slide_mpp=None,
+        mpp_tolerance=0.1,
+        backend="cucim",
+    )
 
 
 def test_plan_lists_the_tissue_tiles_and_reads_them_with_their_margin(corner_plan):
@@ -93,8 +100,13 @@ def test_tile_model_scales_runs_tissue_windows_and_activates():
 def test_write_phase_alone(corner_plan, tmp_path):
     plan, f = corner_plan, 4
     out = output_paths(tmp_path, "corner")
-    assert [p.name for p in out.values()] == ["corner_labels.tif", "corner_probabilities.npy", "corner.geojson",
-                                              "corner_overlay.png", "corner_summary.json"]
+    assert [p.name for p in out.values()] == [
+        "corner_labels.tif",
+        "corner_probabilities.npy",
+        "corner.geojson",
+        "corner_overlay.png",
+        "corner_summary.json",
+    ]
     labels = np.where(plan.mask, 1, 255).astype(np.uint8)
     probabilities = np.zeros((2, 96, 96), np.float16)
     probabilities[1, :38, :38] = 1
@@ -107,8 +119,9 @@ def test_write_phase_alone(corner_plan, tmp_path):
     assert np.allclose(glands[0].exterior.max(0), 38 * f, atol=1)  # reduced pixels back in level-0 pixels
     assert Image.open(out["overlay"]).size[0] == 384
     counts = np.bincount(labels.ravel(), minlength=256)
-    summary = slide_summary(plan, CLASSES, counts, model_mpp=0.5, windows=7, polygons=polygons, prob_downsample=f,
-                            seconds=1.25, outputs=out)
+    summary = slide_summary(
+        plan, CLASSES, counts, model_mpp=0.5, windows=7, polygons=polygons, prob_downsample=f, seconds=1.25, outputs=out
+    )
     assert summary["class_pixels"] == {"stroma": 0, "gland": 150 * 150} and summary["windows_inferred"] == 7
     assert summary["class_area_mm2"]["gland"] == pytest.approx(150 * 150 * 0.25e-6)
     assert summary["message"] == "4 of 9 tiles inferred, 0.02 tissue MP in 1.2 s"

@@ -55,8 +55,9 @@ def make_inputs(folder, rng) -> tuple[list[str], dict[str, str]]:
             Image.fromarray(rgb).save(folder / f"tile{i:02d}.png")
             good.append(str(folder / f"tile{i:02d}.png"))
         else:
-            good.append(write_pyramidal_tiff(folder / f"slide{i:02d}.tif", rgb, mpp=0.5, compression="lzw",
-                                             min_size=64))
+            good.append(
+                write_pyramidal_tiff(folder / f"slide{i:02d}.tif", rgb, mpp=0.5, compression="lzw", min_size=64)
+            )
     slide = open(good[2], "rb").read()
     for i in range(4):
         (folder / f"truncated{i}.tif").write_bytes(slide[: len(slide) // (i + 2)])

@@ -52,6 +52,11 @@ SHIPPED = inference_config()
 def inference(network=None, classes=CLASSES, **kwargs):
     """Slide inference with the shipped input scaling and activation, small tiles and windows, no workers."""
     options = {"mpp": 1.0, "tile_size": 96, "num_workers": 0, "progress": False, "prob_downsample": 4, **kwargs}
-    return SlideInference(network or ColourNet(), SlidingWindowInferer(64, 4, 0.25, mode="gaussian"), classes,
-                          SHIPPED.get_parsed_content("scale_intensity"), SHIPPED.get_parsed_content("activation"),
-                          **options)
+    return SlideInference(
+        network or ColourNet(),
+        SlidingWindowInferer(64, 4, 0.25, mode="gaussian"),
+        classes,
+        SHIPPED.get_parsed_content("scale_intensity"),
+        SHIPPED.get_parsed_content("activation"),
+        **options,
+    )

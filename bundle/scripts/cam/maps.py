@@ -28,7 +28,9 @@ def layer_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, 
     modules = dict(model.named_modules())
     unknown = [n for n in names if n not in modules]
     if unknown:
-        stages = [n for n in modules if n.count(".") <= 2 and n.startswith(("backbone.blocks", "backbone.bn", "classifier"))]
+        stages = [
+            n for n in modules if n.count(".") <= 2 and n.startswith(("backbone.blocks", "backbone.bn", "classifier"))
+        ]
         raise DataError(f"CAM layers {unknown} are not modules of the network; e.g. {stages}")
     records: dict[str, torch.Tensor] = {}
 
@@ -74,11 +76,19 @@ class MultiLayerCAM:
     ):
         if not layers:
             raise DataError("MultiLayerCAM needs at least one layer")
-        self.network, self.layers, self.transforms, self.cam_layer = network, tuple(layers), augment.transforms(tta), cam_layer
+        self.network, self.layers, self.transforms, self.cam_layer = (
+            network,
+            tuple(layers),
+            augment.transforms(tta),
+            cam_layer,
+        )
         self.normalize = normalize
 
     def __call__(
-        self, images: torch.Tensor, labels: torch.Tensor | None = None, background: torch.Tensor | None = None,
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        background: torch.Tensor | None = None,
         threshold: float = 0.5,
     ) -> dict[str, torch.Tensor]:
         """``images`` (B, 3, H, W) as the network expects them; ``labels`` (B, C) multi-hot tags, or None to
@@ -91,7 +101,9 @@ class MultiLayerCAM:
         try:
             with torch.enable_grad(), layer_outputs(self.network, self.layers) as records:
                 for k, flip in self.transforms:
-                    x = augment.apply(images, k, flip).detach().requires_grad_(True)  # gradients even if weights are frozen
+                    x = (
+                        augment.apply(images, k, flip).detach().requires_grad_(True)
+                    )  # gradients even if weights are frozen
                     logits = self.network(x)
                     if labels is None:
                         labels = torch.sigmoid(logits.detach()) >= threshold
@@ -121,9 +133,13 @@ class MultiLayerCAM:
             b, _, h, w = records[n].shape
             maps[n] = logits.new_zeros(b, logits.shape[1], h, w, dtype=torch.float32)
         for i, c in enumerate(classes):
-            grads = torch.autograd.grad(
-                logits[:, c].sum(), [records[n] for n in grad_layers], retain_graph=i < len(classes) - 1
-            ) if grad_layers else ()
+            grads = (
+                torch.autograd.grad(
+                    logits[:, c].sum(), [records[n] for n in grad_layers], retain_graph=i < len(classes) - 1
+                )
+                if grad_layers
+                else ()
+            )
             for n, g in zip(grad_layers, grads):
                 weights = g.mean((2, 3), keepdim=True)
                 maps[n][:, c] = F.relu((weights * records[n]).sum(1)).detach().float()
@@ -141,8 +157,16 @@ class WholeImageCAM:
     maximum over the image, so the maps of one image compare and lie in [0, 1].
     """
 
-    def __init__(self, layers: Sequence[str], input_size: int, mean: Sequence[float], std: Sequence[float],
-                 window: int | None = None, tta: str = "none", sw_batch_size: int = 16):
+    def __init__(
+        self,
+        layers: Sequence[str],
+        input_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        window: int | None = None,
+        tta: str = "none",
+        sw_batch_size: int = 16,
+    ):
         self.layers, self.input_size, self.window, self.tta = tuple(layers), int(input_size), window, tta
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
         self.sw_batch_size = sw_batch_size
@@ -155,8 +179,10 @@ class WholeImageCAM:
         def predict(windows: torch.Tensor) -> tuple[torch.Tensor, ...]:
             x = F.interpolate(windows, size=(self.input_size,) * 2, mode="bilinear", align_corners=False)
             cams = extract((x - mean) / std)
-            return tuple(F.interpolate(cams[n], size=windows.shape[-2:], mode="bilinear", align_corners=False)
-                         for n in self.layers)
+            return tuple(
+                F.interpolate(cams[n], size=windows.shape[-2:], mode="bilinear", align_corners=False)
+                for n in self.layers
+            )
 
         x = inputs.float() / 255
         if self.window is None:

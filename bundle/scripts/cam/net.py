@@ -29,7 +29,9 @@ class ADL(nn.Module):
     def __init__(self, drop_rate: float = 0.75, gamma: float = 0.9):
         super().__init__()
         if not (0 <= drop_rate <= 1 and 0 < gamma <= 1):
-            raise DataError(f"ADL needs 0 <= drop_rate <= 1 and 0 < gamma <= 1, got drop_rate={drop_rate}, gamma={gamma}")
+            raise DataError(
+                f"ADL needs 0 <= drop_rate <= 1 and 0 < gamma <= 1, got drop_rate={drop_rate}, gamma={gamma}"
+            )
         self.drop_rate, self.gamma = drop_rate, gamma
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +79,9 @@ class CAMNet(nn.Module):
             raise DataError(f"num_classes must be at least 1 (the datalist's 'classes'), got {num_classes}")
         if output_stride not in (16, 32):
             raise DataError(f"output_stride must be 16 or 32, got {output_stride}")
-        self.backbone = create_backbone(backbone, pretrained, num_classes=0, global_pool="", output_stride=output_stride)
+        self.backbone = create_backbone(
+            backbone, pretrained, num_classes=0, global_pool="", output_stride=output_stride
+        )
         self.classifier = nn.Conv2d(self.backbone.num_features, int(num_classes), 1, bias=False)
         self.pda = pda
         self.register_buffer("pda_gamma", torch.tensor(1.0))
@@ -108,7 +112,9 @@ class PDASchedule:
     ``warmup_epochs``, then ``start * decay ** k`` in the k-th epoch after, never below ``floor`` (MLPS:
     1.0, x0.98, 0.65). A function of the epoch number, so a resumed run continues the same schedule."""
 
-    def __init__(self, network: CAMNet, warmup_epochs: int = 2, start: float = 1.0, decay: float = 0.98, floor: float = 0.65):
+    def __init__(
+        self, network: CAMNet, warmup_epochs: int = 2, start: float = 1.0, decay: float = 0.98, floor: float = 0.65
+    ):
         if not (0 < floor <= start <= 1 and 0 < decay <= 1 and warmup_epochs >= 0):
             raise DataError(
                 f"PDA schedule needs 0 < floor <= start <= 1, 0 < decay <= 1, warmup_epochs >= 0; got "

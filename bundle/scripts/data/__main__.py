@@ -27,8 +27,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Fire command line; bad input ends with one line ``error: FILE: problem`` on stderr (exit code 1)."""
     _logging()
     commands = {
-        "glas": glas, "luad_histoseg": luad_histoseg, "bcss_wsss": bcss_wsss, "from_csv": from_csv,
-        "from_mask_folder": from_mask_folder, "from_slides": from_slides, "demo": prepare_demo,
+        "glas": glas,
+        "luad_histoseg": luad_histoseg,
+        "bcss_wsss": bcss_wsss,
+        "from_csv": from_csv,
+        "from_mask_folder": from_mask_folder,
+        "from_slides": from_slides,
+        "demo": prepare_demo,
     }
     try:
         fire.Fire(commands, command=argv)

@@ -114,8 +114,10 @@ def from_mask_folder(
     _no_duplicates(csv_path, rows, "name")
     for line, row in rows:
         if row["split"] not in split_names:
-            raise DataError(f"{csv_path}, line {line}: {row['name']} has split {row['split']!r}, "
-                            f"expected one of {sorted(split_names)}")
+            raise DataError(
+                f"{csv_path}, line {line}: {row['name']} has split {row['split']!r}, "
+                f"expected one of {sorted(split_names)}"
+            )
         image_path = _find_image(data_dir / "images", row["name"])
         mask_path = data_dir / "masks" / f"{row['name']}.png"
         image, mask = read_rgb(image_path), read_mask(mask_path)
@@ -139,7 +141,12 @@ def glas(data_dir: str, output: str, patch_size: int = 112, stride: int = 56, mi
     """GlaS as ``../shared/data/glas`` holds it (labels.csv split ``train``/``dev``/``test``); OEEM's protocol
     is 112-px patches with stride 56 and a 5 % tag threshold."""
     return from_mask_folder(
-        data_dir, output, GLAS_CLASSES, patch_size, stride, min_fraction,
+        data_dir,
+        output,
+        GLAS_CLASSES,
+        patch_size,
+        stride,
+        min_fraction,
         split_names={"train": "training", "dev": "validation", "test": "test"},
     )
 

@@ -105,8 +105,15 @@ def _make_valid(polygon: Polygon, path, where: str) -> list[Polygon]:
     fixed = shapely.make_valid(ShapelyPolygon(polygon.exterior, polygon.holes))
     parts = [g for g in getattr(fixed, "geoms", [fixed]) if g.geom_type in ("Polygon", "MultiPolygon")]
     parts = [q for g in parts for q in getattr(g, "geoms", [g]) if not q.is_empty]
-    log.warning("%s: %s: the polygon crosses itself near (%.1f, %.1f); repaired with shapely.make_valid into %d "
-                "polygon(s)", path, where, bad[0], bad[1], len(parts))
+    log.warning(
+        "%s: %s: the polygon crosses itself near (%.1f, %.1f); repaired with shapely.make_valid into %d polygon(s)",
+        path,
+        where,
+        bad[0],
+        bad[1],
+        len(parts),
+    )
+
     def ring(r) -> np.ndarray:
         return np.asarray(r.coords, np.float64)[:, :2]
 
@@ -286,7 +293,10 @@ def _fill(ring: np.ndarray, shape: tuple[int, int], downsample: float) -> tuple[
 
 
 def rasterize(
-    polygons: Sequence[Polygon], class_index: Mapping[str, int], shape: tuple[int, int], downsample: float = 1.0,
+    polygons: Sequence[Polygon],
+    class_index: Mapping[str, int],
+    shape: tuple[int, int],
+    downsample: float = 1.0,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """uint8 label image of ``shape`` (rows, cols) at ``downsample`` (level-0 pixels per pixel).

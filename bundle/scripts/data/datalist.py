@@ -84,6 +84,7 @@ def _relative(value: str, root: Path) -> str:
 
 def _patch_key(entry: dict) -> tuple:
     """What makes two entries the same sample: the image and, for a patch, its location, size and level."""
+
     def tup(v):
         return tuple(v) if isinstance(v, list) else v
 
@@ -105,7 +106,8 @@ def _check_entries(source: str, data: dict) -> None:
                 raise DataError(f"{where}: an entry must be an object with an 'image' path, got {entry!r:.80}")
             label = entry.get("label")
             if (
-                not isinstance(label, list) or len(label) != len(classes)
+                not isinstance(label, list)
+                or len(label) != len(classes)
                 or any(not isinstance(v, (int, float)) or v not in (0, 1) for v in label)
             ):
                 raise DataError(
@@ -115,7 +117,8 @@ def _check_entries(source: str, data: dict) -> None:
             for key, low in (("location", 0), ("size", 1)):
                 v = entry.get(key)
                 if v is not None and (
-                    not isinstance(v, list) or len(v) != 2
+                    not isinstance(v, list)
+                    or len(v) != 2
                     or any(isinstance(c, bool) or not isinstance(c, int) or c < low for c in v)
                 ):
                     raise DataError(f"{where} ({entry['image']}): '{key}' must be two integers >= {low}, got {v!r}")
@@ -140,9 +143,7 @@ def _check_entries(source: str, data: dict) -> None:
             first_split.setdefault(image, (split, i))
 
 
-def write_datalist(
-    path: str | os.PathLike, classes: Sequence[str], splits: dict[str, Iterable[dict]], **extra
-) -> dict:
+def write_datalist(path: str | os.PathLike, classes: Sequence[str], splits: dict[str, Iterable[dict]], **extra) -> dict:
     """Validate and atomically write a datalist; returns what was written (paths made relative).
 
     ``extra`` goes to the top level (e.g. ``mask_ignore_index`` for masks whose background is not a class).
@@ -160,8 +161,10 @@ def write_datalist(
         for entry in splits.get(split, ()):
             label = entry.get("label")
             if label is None or len(label) != len(classes) or any(v not in (0, 1) for v in label):
-                raise DataError(f"{entry.get('image')}: label {label} is not a multi-hot vector of 0/1 over the "
-                                f"{len(classes)} classes {classes}")
+                raise DataError(
+                    f"{entry.get('image')}: label {label} is not a multi-hot vector of 0/1 over the "
+                    f"{len(classes)} classes {classes}"
+                )
             out = {k: _relative(v, root) if k in PATH_KEYS else v for k, v in entry.items()}
             out["label"] = [int(v) for v in label]
             entries.append(out)
@@ -229,8 +232,10 @@ def validate_datalist(path: str | os.PathLike, require: Sequence[str] = ("traini
     _check_entries(source, data)
     for split in require:
         if not data.get(split):
-            raise DataError(f"{source}: the {split} split is {'missing' if split not in data else 'empty'}; "
-                            f"this stage needs {' and '.join(require)} entries")
+            raise DataError(
+                f"{source}: the {split} split is {'missing' if split not in data else 'empty'}; "
+                f"this stage needs {' and '.join(require)} entries"
+            )
     return data
 
 
@@ -264,8 +269,13 @@ def mask_value_problem(values: Iterable[int], classes: Sequence[str], allowed: I
 
 
 def check_mask(
-    path, mask: np.ndarray, classes: Sequence[str], ignore_index: int | None = None, allow_255: bool = False,
-    tagged: Sequence[int] | None = None, tagged_by: str = "its entries",
+    path,
+    mask: np.ndarray,
+    classes: Sequence[str],
+    ignore_index: int | None = None,
+    allow_255: bool = False,
+    tagged: Sequence[int] | None = None,
+    tagged_by: str = "its entries",
 ) -> np.ndarray:
     """Refuse a mask with values outside ``0..C-1`` (+ ``ignore_index``, + 255 when ``allow_255``); returns the
     per-value pixel counts. With ``tagged`` (the classes its entries are tagged with) and 255 allowed but not
@@ -306,8 +316,15 @@ def check_mask_values(datalist: str | os.PathLike, split: str) -> int:
             tagged[entry["mask"]] = tagged[entry["mask"]] | label if entry["mask"] in tagged else label
     for mask_name, tags in tagged.items():
         path = Path(mask_name) if os.path.isabs(mask_name) else root / mask_name
-        check_mask(path, read_mask(path), classes, data.get("mask_ignore_index"), allow_255=True, tagged=tags,
-                   tagged_by=f"its {split} entries in {datalist} are")
+        check_mask(
+            path,
+            read_mask(path),
+            classes,
+            data.get("mask_ignore_index"),
+            allow_255=True,
+            tagged=tags,
+            tagged_by=f"its {split} entries in {datalist} are",
+        )
     return len(tagged)
 
 
@@ -327,7 +344,11 @@ def patch_grid(height: int, width: int, size: int, stride: int) -> list[tuple[in
 
 
 def patch_tags(
-    mask: np.ndarray, locations: Sequence[tuple[int, int]], size: int, num_classes: int, min_fraction: float,
+    mask: np.ndarray,
+    locations: Sequence[tuple[int, int]],
+    size: int,
+    num_classes: int,
+    min_fraction: float,
     ignore_index: int | None = None,
 ) -> np.ndarray:
     """Multi-hot tags per patch: class c is present when it covers more than ``min_fraction`` of the

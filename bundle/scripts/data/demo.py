@@ -26,9 +26,18 @@ def _save_png(path: Path, array: np.ndarray) -> None:
 
 
 def prepare_demo(
-    output_dir: str | os.PathLike, n_train: int = 24, n_validation: int = 8, n_test: int = 8, tile_size: int = 256,
-    seed: int = 0, slide_size: int = 4096, mpp: float = 0.5, patch_size: int = 128, stride: int = 64,
-    min_fraction: float = 0.05, force: bool = False,
+    output_dir: str | os.PathLike,
+    n_train: int = 24,
+    n_validation: int = 8,
+    n_test: int = 8,
+    tile_size: int = 256,
+    seed: int = 0,
+    slide_size: int = 4096,
+    mpp: float = 0.5,
+    patch_size: int = 128,
+    stride: int = 64,
+    min_fraction: float = 0.05,
+    force: bool = False,
 ) -> str:
     """Write the synthetic demo dataset and its datalist; returns the datalist path.
 
@@ -48,8 +57,10 @@ def prepare_demo(
     check_size(tile_size, tile_size)
     check_size(slide_size, slide_size)
     if not mpp > 0 or not 0 <= min_fraction < 1 or patch_size < 1 or stride < 1:
-        raise DataError(f"need mpp > 0, 0 <= min_fraction < 1 and positive patch_size and stride; got mpp={mpp}, "
-                        f"min_fraction={min_fraction}, patch_size={patch_size}, stride={stride}")
+        raise DataError(
+            f"need mpp > 0, 0 <= min_fraction < 1 and positive patch_size and stride; got mpp={mpp}, "
+            f"min_fraction={min_fraction}, patch_size={patch_size}, stride={stride}"
+        )
 
     seeds = iter(np.random.SeedSequence(seed).spawn(sum(counts.values()) + 1))
     rows = []
@@ -72,6 +83,10 @@ def prepare_demo(
     write_pyramidal_tiff(slide_dir / "demo_slide_mask.tif", mask, mpp=mpp, compression="lzw", description=description)
     logger.info("%s: %d tiles and a %d px slide written", output_dir, len(rows), slide_size)
     return from_mask_folder(
-        data_dir=str(output_dir), output=str(datalist), classes=CLASSES,
-        patch_size=patch_size, stride=stride, min_fraction=min_fraction,
+        data_dir=str(output_dir),
+        output=str(datalist),
+        classes=CLASSES,
+        patch_size=patch_size,
+        stride=stride,
+        min_fraction=min_fraction,
     )

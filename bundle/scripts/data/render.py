@@ -88,7 +88,8 @@ def _blob(rng: np.random.Generator, radius: float, roughness: float, elongation:
 
     def r_of(theta):
         position = (
-            (np.asarray(theta, np.float32) + np.float32(np.pi)) % np.float32(2 * np.pi)
+            (np.asarray(theta, np.float32) + np.float32(np.pi))
+            % np.float32(2 * np.pi)
             * np.float32(_ANGLE_STEPS / (2 * np.pi))
         )
         i = np.minimum(position.astype(np.intp), _ANGLE_STEPS - 1)
@@ -179,8 +180,12 @@ def _place_glands(rng, mask, depth, nuclei, goblets, fraction, scale):
         phi = np.linspace(0, 2 * np.pi, count, endpoint=False) + rng.uniform(0, 2 * np.pi)
         dist = r_of(phi) - (rng.uniform(0.05, 0.25, count) * rim + 4 * scale)
         nuclei.add(
-            cy + dist * np.sin(phi), cx + dist * np.cos(phi), rng.uniform(4.5, 6.5, count) * scale,
-            rng.uniform(1.8, 2.4, count) * scale, phi + rng.normal(0, 0.15, count), rng.uniform(1.6, 2.2, count),
+            cy + dist * np.sin(phi),
+            cx + dist * np.cos(phi),
+            rng.uniform(4.5, 6.5, count) * scale,
+            rng.uniform(1.8, 2.4, count) * scale,
+            phi + rng.normal(0, 0.15, count),
+            rng.uniform(1.6, 2.2, count),
         )
         # goblet cells: clear mucin vacuoles between the nuclei and the lumen
         count = rng.integers(0, int(radius / (3 * scale)))
@@ -219,8 +224,14 @@ def _place_clusters(rng, mask, nuclei, fraction, scale):
         keep = mask[iy, ix] == LYMPHOCYTES
         n = int(keep.sum())
         size = rng.uniform(2.3, 3.2, n) * scale
-        nuclei.add(ny[keep], nx[keep], size, size * rng.uniform(0.8, 1.0, n), rng.uniform(0, np.pi, n),
-                   rng.uniform(1.9, 2.4, n))
+        nuclei.add(
+            ny[keep],
+            nx[keep],
+            size,
+            size * rng.uniform(0.8, 1.0, n),
+            rng.uniform(0, np.pi, n),
+            rng.uniform(1.9, 2.4, n),
+        )
 
 
 def _collagen(rng, height, width, scale):
@@ -329,8 +340,12 @@ def _render(rng, mask, gland_fraction, lymphocyte_fraction, scale):
 
 
 def make_tile(
-    rng: np.random.Generator, height: int, width: int,
-    gland_fraction: float | None = None, lymphocyte_fraction: float | None = None, scale: float = 1.0,
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    gland_fraction: float | None = None,
+    lymphocyte_fraction: float | None = None,
+    scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One tissue tile: (H x W x 3 uint8 RGB, H x W uint8 mask of indices into CLASSES).
 
@@ -351,7 +366,11 @@ def make_tile(
 
 
 def make_slide_array(
-    rng: np.random.Generator, height: int, width: int, tissue_fraction: float = 0.5, scale: float = 1.0,
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    tissue_fraction: float = 0.5,
+    scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A slide-like canvas: a few irregular tissue pieces on bright glass. Returns (RGB, mask) with mask
     255 where there is no tissue; ``tissue_fraction`` of the pixels are tissue. ``scale`` as for
@@ -370,8 +389,13 @@ def make_slide_array(
     half_height = min(tissue_fraction * height * width / pieces / (np.pi * half_width), 0.45 * height)
     for k in range(pieces):
         cy, cx = height * rng.uniform(0.45, 0.55), width * (k + 0.5 + rng.uniform(-0.05, 0.05)) / pieces
-        r_of, _ = _blob(rng, np.sqrt(half_width * half_height) / step, 0.12, half_height / half_width,
-                        rotation=np.pi / 2 + rng.normal(0, 0.1))
+        r_of, _ = _blob(
+            rng,
+            np.sqrt(half_width * half_height) / step,
+            0.12,
+            half_height / half_width,
+            rotation=np.pi / 2 + rng.normal(0, 0.1),
+        )
         _, theta, r = _polar(cy / step + 1, cx / step + 1, max(coarse), *coarse)
         np.maximum(field, 1 - r / r_of(theta), out=field)
     field += 0.04 * rng.standard_normal(coarse).astype(np.float32)
@@ -401,8 +425,10 @@ def demo_figure(path: str | os.PathLike, tile_size: int = 256, seed: int = 0) ->
     rng = np.random.default_rng(seed)
     pairs = [make_tile(rng, tile_size, tile_size, g, lymph) for g, lymph in mixes]
     gap, legend = 6, 40
-    rows = [np.concatenate([np.pad(a, ((0, 0), (0, gap), (0, 0)), constant_values=255) for a in row], 1)[:, :-gap]
-            for row in ([rgb for rgb, _ in pairs], [colour_mask(mask) for _, mask in pairs])]
+    rows = [
+        np.concatenate([np.pad(a, ((0, 0), (0, gap), (0, 0)), constant_values=255) for a in row], 1)[:, :-gap]
+        for row in ([rgb for rgb, _ in pairs], [colour_mask(mask) for _, mask in pairs])
+    ]
     canvas = np.full((2 * tile_size + gap + legend, rows[0].shape[1], 3), 255, np.uint8)
     canvas[:tile_size], canvas[tile_size + gap : 2 * tile_size + gap] = rows
     figure = Image.fromarray(canvas)

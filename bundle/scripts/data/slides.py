@@ -156,8 +156,17 @@ def _tissue_on_grid(mask: np.ndarray, mask_ds: float, shape: tuple[int, int], ds
 
 
 def _slide_patches(
-    item: dict, class_index: dict, classes: list[str], patch_size: int, level: int, stride: int,
-    min_fraction: float, min_tissue: float, background_class: str | None, backend: str, mask_downsample: float,
+    item: dict,
+    class_index: dict,
+    classes: list[str],
+    patch_size: int,
+    level: int,
+    stride: int,
+    min_fraction: float,
+    min_tissue: float,
+    background_class: str | None,
+    backend: str,
+    mask_downsample: float,
 ) -> list[dict]:
     path = item["slide"]
     t0 = time.perf_counter()
@@ -225,9 +234,15 @@ def _slide_patches(
     mpp = slide_mpp(path, reader, wsi)
     log.info(
         "%s: %d patches of %d on the grid (level %d, %d px, tissue >= %.0f%%%s); mpp %s; %.1f s",
-        path.name, len(entries), len(grid), level, patch_size, 100 * min_tissue,
+        path.name,
+        len(entries),
+        len(grid),
+        level,
+        patch_size,
+        100 * min_tissue,
         f", {dropped} without annotated tissue dropped" if item["polygons"] is not None else "",
-        f"{mpp:g}" if mpp else "not recorded", time.perf_counter() - t0,
+        f"{mpp:g}" if mpp else "not recorded",
+        time.perf_counter() - t0,
     )
     return entries
 
@@ -299,8 +314,17 @@ def from_slides(
     for item in items:
         splits[item["split"]].extend(
             _slide_patches(
-                item, class_index, list(classes), patch_size, level, stride, float(min_fraction), float(min_tissue),
-                background_class, backend, float(mask_downsample),
+                item,
+                class_index,
+                list(classes),
+                patch_size,
+                level,
+                stride,
+                float(min_fraction),
+                float(min_tissue),
+                background_class,
+                backend,
+                float(mask_downsample),
             )
         )
     for split in SPLITS:
@@ -312,7 +336,10 @@ def from_slides(
             )
     data = write_datalist(output, classes, splits)
     log.info(
-        "%s: %s patches from %d slides in %.1f s", output,
-        ", ".join(f"{len(data[s])} {s}" for s in SPLITS), len(items), time.perf_counter() - t0,
+        "%s: %s patches from %d slides in %.1f s",
+        output,
+        ", ".join(f"{len(data[s])} {s}" for s in SPLITS),
+        len(items),
+        time.perf_counter() - t0,
     )
     return str(output)

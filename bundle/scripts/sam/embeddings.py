@@ -1,6 +1,5 @@
 """SAM image embeddings, computed once per image and shared by the first pass and every refinement round."""
 
-
 from __future__ import annotations
 
 import logging

@@ -4,7 +4,6 @@ of the training patch size, the scale the classifier learned; the files written 
 :mod:`scripts.sam.outputs`, the rules in :mod:`scripts.sam.rules`, the decoder rounds in :mod:`scripts.sam.refine`.
 """
 
-
 from __future__ import annotations
 
 import logging
@@ -35,8 +34,15 @@ class PseudoLabelHandler:
     :meth:`pending` items one per batch, with no augmentation (masks belong to the image as stored). Per image it
     writes the CAM, the CAM-only mask of every layer and the SAM pseudo-mask of round 0."""
 
-    def __init__(self, items: Sequence[dict], output_dir: str | os.PathLike, sam: SegmentAnything, rules: Rules,
-                 num_layers: int, embeddings: Embeddings):
+    def __init__(
+        self,
+        items: Sequence[dict],
+        output_dir: str | os.PathLike,
+        sam: SegmentAnything,
+        rules: Rules,
+        num_layers: int,
+        embeddings: Embeddings,
+    ):
         self.items, self.out, self.sam, self.rules = list(items), Outputs(output_dir), sam, rules
         self.num_layers, self.embeddings = num_layers, embeddings
 
@@ -57,7 +63,9 @@ class PseudoLabelHandler:
     def __call__(self, engine: Engine) -> None:
         batch, cams = engine.state.batch, engine.state.output["pred"]
         if len(batch["name"]) != 1:
-            raise DataError(f"pseudo-labelling needs batch_size 1 (whole images differ in size), got {len(batch['name'])}")
+            raise DataError(
+                f"pseudo-labelling needs batch_size 1 (whole images differ in size), got {len(batch['name'])}"
+            )
         tags = batch["label"][0].cpu().numpy().astype(bool)
         if cams.shape[1] != self.num_layers:
             raise DataError(f"the CAM inferer gave {cams.shape[1]} layers, the handler expects {self.num_layers}")

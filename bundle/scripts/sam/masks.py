@@ -51,8 +51,9 @@ def inside_degree(masks: np.ndarray, regions: np.ndarray) -> np.ndarray:
     return np.divide(inside, area, out=np.zeros(len(masks)), where=area > 0)
 
 
-def fuse(masks: np.ndarray, classes, cams, tags, disagreement: float = 0.5, confidence: float = 0.5,
-         boxes=None) -> np.ndarray:
+def fuse(
+    masks: np.ndarray, classes, cams, tags, disagreement: float = 0.5, confidence: float = 0.5, boxes=None
+) -> np.ndarray:
     """Kept SAM masks -> one class map.
 
     - A pixel covered by masks of one or more tagged classes takes the covering class with the highest CAM.

@@ -17,7 +17,6 @@ Under ``output_dir``::
 Every file is written atomically and a re-run skips what exists, so an interrupted run resumes where it stopped.
 """
 
-
 from __future__ import annotations
 
 import json
@@ -54,7 +53,12 @@ def _units(entries: Sequence[dict]) -> dict[tuple, dict]:
             stem = Path(entry["image"]).stem
             name = stem if len(key) == 1 else f"{stem}_l{key[1]}_y{key[2]}_x{key[3]}"
             keep = {k: entry[k] for k in ("location", "size", "level") if len(key) > 1}
-            units[key] = {"image": entry["image"], "label": np.zeros(len(entry["label"]), np.uint8), "name": name, **keep}
+            units[key] = {
+                "image": entry["image"],
+                "label": np.zeros(len(entry["label"]), np.uint8),
+                "name": name,
+                **keep,
+            }
         units[key]["label"] |= np.asarray(entry["label"], np.uint8)
     counts: dict[str, int] = {}
     for unit in units.values():
@@ -81,9 +85,10 @@ def patch_size(datalist: str | os.PathLike, split: str = "training") -> int | No
     if not sizes:
         return None
     if len(sizes) > 1 or any(h != w for h, w in sizes):
-        raise DataError(f"{datalist}: '{split}' patches have sizes {sorted(sizes)}; set cam_window to the one the CAM saw")
+        raise DataError(
+            f"{datalist}: '{split}' patches have sizes {sorted(sizes)}; set cam_window to the one the CAM saw"
+        )
     return sizes.pop()[0]
-
 
 
 @dataclass
@@ -114,12 +119,15 @@ class Outputs:
     def work_files(self) -> list[str]:
         """Glob patterns of everything the stage writes here, removed before a run from nothing; nothing else under
         ``root`` (a self-training round's folder, the user's files) is touched."""
-        return [str(self.root / p) for p in ("cams", "cam_layers", "sam_iter*", "sam_decoder_iter*.pt", "datalist_pseudo.json")]
+        return [
+            str(self.root / p)
+            for p in ("cams", "cam_layers", "sam_iter*", "sam_decoder_iter*.pt", "datalist_pseudo.json")
+        ]
 
 
-
-def write_pseudo_datalist(datalist: str | os.PathLike, output_dir: str | os.PathLike, iteration: int,
-                          num_layers: int) -> Path:
+def write_pseudo_datalist(
+    datalist: str | os.PathLike, output_dir: str | os.PathLike, iteration: int, num_layers: int
+) -> Path:
     """``output_dir/datalist_pseudo.json``: the input datalist (classes, every split, top-level extras) whose training
     entries gain ``pseudo`` (the SAM mask of round ``iteration``) and ``pseudo_layers`` (the CAM-only masks),
     all paths relative to the new file. Refuses to point at a mask that was not written."""
@@ -134,7 +142,9 @@ def write_pseudo_datalist(datalist: str | os.PathLike, output_dir: str | os.Path
         pseudo, layers = out.sam(name, iteration), [out.layer(name, i) for i in range(num_layers)]
         missing = [str(p) for p in (pseudo, *layers) if not p.exists()]
         if missing:
-            raise DataError(f"{entry['image']}: pseudo-mask(s) {missing} missing; run the pseudo-label stage to the end")
+            raise DataError(
+                f"{entry['image']}: pseudo-mask(s) {missing} missing; run the pseudo-label stage to the end"
+            )
         entry["pseudo"] = str(pseudo)
         entry["pseudo_layers"] = [os.path.relpath(p.resolve(), root) for p in layers]
     extra = {k: v for k, v in raw.items() if k not in ("classes", *SPLITS)}

@@ -1,6 +1,5 @@
 """EP-SAM's rounds of fine-tuning SAM's mask decoder on its own pseudo-masks."""
 
-
 from __future__ import annotations
 
 import logging
@@ -42,13 +41,31 @@ class DecoderRefinement:
     inside its box, ignore pixels excluded. Each round's decoder is saved; a finished round is loaded, not retrained.
     """
 
-    def __init__(self, sam: SegmentAnything, items: Sequence[dict], output_dir: str | os.PathLike, rules: Rules,
-                 embeddings: Embeddings, iterations: int, epochs: int, learning_rate: float, prompts_per_step: int,
-                 progress_bar: bool = True):
+    def __init__(
+        self,
+        sam: SegmentAnything,
+        items: Sequence[dict],
+        output_dir: str | os.PathLike,
+        rules: Rules,
+        embeddings: Embeddings,
+        iterations: int,
+        epochs: int,
+        learning_rate: float,
+        prompts_per_step: int,
+        progress_bar: bool = True,
+    ):
         if iterations < 0 or epochs < 1 or prompts_per_step < 1:
-            raise DataError(f"refinement needs iterations >= 0, epochs >= 1, prompts_per_step >= 1; got {iterations}, "
-                            f"{epochs}, {prompts_per_step}")
-        self.sam, self.items, self.out, self.rules, self.embeddings = sam, list(items), Outputs(output_dir), rules, embeddings
+            raise DataError(
+                f"refinement needs iterations >= 0, epochs >= 1, prompts_per_step >= 1; got {iterations}, "
+                f"{epochs}, {prompts_per_step}"
+            )
+        self.sam, self.items, self.out, self.rules, self.embeddings = (
+            sam,
+            list(items),
+            Outputs(output_dir),
+            rules,
+            embeddings,
+        )
         self.iterations, self.epochs, self.lr, self.per_step = iterations, epochs, learning_rate, prompts_per_step
         self.progress_bar = progress_bar
         self.dice = DiceLoss(reduction="mean")
@@ -86,7 +103,9 @@ class DecoderRefinement:
             embedding = self.embeddings(item)
             rng = self.rules.rng(item["name"], k, engine.state.iteration)
             pick = np.sort(rng.choice(len(prompts), min(self.per_step, len(prompts)), replace=False))
-            logits, _ = self.sam.decode_logits(embedding, prompts.boxes[pick], prompts.points[pick], prompts.labels[pick])
+            logits, _ = self.sam.decode_logits(
+                embedding, prompts.boxes[pick], prompts.points[pick], prompts.labels[pick]
+            )
             logits = self.sam.to_image(logits, embedding.frame)
             target, valid = self._targets(pseudo, prompts, pick, logits.device)
             loss = self.dice(torch.sigmoid(logits) * valid, target * valid)
@@ -106,7 +125,9 @@ class DecoderRefinement:
             trainer.run(loader, max_epochs=self.epochs)
         finally:
             self.sam.amp = amp
-        logger.info(f"refinement round {k}: {len(data)} images x {self.epochs} epoch(s), last loss {trainer.state.output:.4f}")
+        logger.info(
+            f"refinement round {k}: {len(data)} images x {self.epochs} epoch(s), last loss {trainer.state.output:.4f}"
+        )
         decoder.eval()
 
     @staticmethod

@@ -1,6 +1,5 @@
 """The EP-SAM rules of stage 2: which CAM regions become prompts, and how SAM masks become a pseudo-mask."""
 
-
 from __future__ import annotations
 
 import logging
@@ -33,7 +32,6 @@ def object_classes(classes: Sequence[str], names: Sequence[str] | None) -> list[
     if unknown:
         raise DataError(f"sam_classes {unknown} are not among the datalist's classes {list(classes)}")
     return [list(classes).index(n) for n in names]
-
 
 
 @dataclass
@@ -75,8 +73,9 @@ class Rules:
 
     def prompts(self, name: str, cams: np.ndarray, tags) -> Prompts:
         cams, threshold = self.regions(cams, tags)
-        return cam_prompts(cams, tags, threshold=threshold, objects=self.objects, rng=self.rng(name),
-                           **self.prompt_args)
+        return cam_prompts(
+            cams, tags, threshold=threshold, objects=self.objects, rng=self.rng(name), **self.prompt_args
+        )
 
     def mask_prompts(self, name: str, pseudo: np.ndarray, tags, round_: int) -> Prompts:
         """Training prompts for the decoder: the connected components of each object class of a pseudo-mask (a flat
@@ -91,5 +90,14 @@ class Rules:
         if not len(prompts):
             return cam_pseudo_mask(cams, tags, self.confidence)
         masks = sam.predict(embedding, prompts.boxes, prompts.points, prompts.labels).probs > 0.5
-        return sam_pseudo_mask(masks, prompts.classes, cams, tags, threshold, self.ids_threshold, self.disagreement,
-                               self.confidence, prompts.boxes if self.box_rule else None)[0]
+        return sam_pseudo_mask(
+            masks,
+            prompts.classes,
+            cams,
+            tags,
+            threshold,
+            self.ids_threshold,
+            self.disagreement,
+            self.confidence,
+            prompts.boxes if self.box_rule else None,
+        )[0]

@@ -21,7 +21,9 @@ def hold_out(entries: Sequence[dict], fraction: float = 0.1) -> tuple[list[dict]
     """
     if not 0 <= fraction < 1:
         raise DataError(f"holdout fraction must be in [0, 1), got {fraction}")
-    images = sorted({e["image"] for e in entries}, key=lambda p: (hashlib.sha256(os.path.basename(p).encode()).hexdigest(), p))
+    images = sorted(
+        {e["image"] for e in entries}, key=lambda p: (hashlib.sha256(os.path.basename(p).encode()).hexdigest(), p)
+    )
     count = round(fraction * len(images))
     if fraction > 0 and len(images) > 1:
         count = min(max(count, 1), len(images) - 1)
@@ -44,8 +46,9 @@ def pseudo_targets(entries: Sequence[dict], num_layers: int) -> list[dict]:
         layers = [entry["pseudo"]] if num_layers == 1 and "pseudo" in entry else entry.get("pseudo_layers", [])
         if len(layers) != num_layers:
             raise DataError(
-                f"{entry.get('image')}: {len(layers)} pseudo-mask layer(s) ('pseudo' / 'pseudo_layers'), but the loss has "
-                f"{num_layers} layer weight(s); run the pseudo-label stage or set layer_weights to match"
+                f"{entry.get('image')}: {len(layers)} pseudo-mask layer(s) ('pseudo' / 'pseudo_layers'), "
+                f"but the loss has {num_layers} layer weight(s); "
+                "run the pseudo-label stage or set layer_weights to match"
             )
         out.append({**entry, **dict(zip(keys, layers))})
     return out
@@ -66,7 +69,10 @@ def whole_images(entries: Sequence[dict]) -> list[dict]:
             continue
         name = os.path.splitext(os.path.basename(entry["image"]))[0]
         if name in names:
-            raise DataError(f"{entry['image']} and {names[name]} share the name {name!r}; per-image rows and overlays need unique names")
+            raise DataError(
+                f"{entry['image']} and {names[name]} share the name {name!r}; "
+                "per-image rows and overlays need unique names"
+            )
         names[name] = entry["image"]
         images[entry["image"]] = {"image": entry["image"], "mask": entry["mask"], "name": name}
     if not images:

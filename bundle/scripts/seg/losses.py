@@ -32,15 +32,25 @@ class PseudoSupervisionLoss(nn.Module):
     likely pseudo-mask errors, count least; per class, so a rare class is not drowned by an easy common one.
     """
 
-    def __init__(self, weights: Sequence[float] = (0.6, 0.2, 0.2), lambda_dice: float = 0.0, ignore_index: int = IGNORE,
-                 easy_mining: bool = False):
+    def __init__(
+        self,
+        weights: Sequence[float] = (0.6, 0.2, 0.2),
+        lambda_dice: float = 0.0,
+        ignore_index: int = IGNORE,
+        easy_mining: bool = False,
+    ):
         super().__init__()
         self.easy_mining = bool(easy_mining)
         self.weights = [float(w) for w in weights]
         if not self.weights or min(self.weights) < 0 or lambda_dice < 0:
-            raise DataError(f"loss weights must be a non-empty list of values >= 0 and lambda_dice >= 0, got {weights}, {lambda_dice}")
+            raise DataError(
+                "loss weights must be a non-empty list of values >= 0 and lambda_dice >= 0, "
+                f"got {weights}, {lambda_dice}"
+            )
         self.lambda_dice, self.ignore_index = float(lambda_dice), ignore_index
-        self.dice = DiceLoss(to_onehot_y=True, softmax=True, batch=True, ignore_index=ignore_index) if lambda_dice else None
+        self.dice = (
+            DiceLoss(to_onehot_y=True, softmax=True, batch=True, ignore_index=ignore_index) if lambda_dice else None
+        )
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if target.ndim != pred.ndim or target.shape[1] != len(self.weights) or target.shape[2:] != pred.shape[2:]:

@@ -1,6 +1,5 @@
 """A trained segmentation network's class maps in place of CAMs: the prompt source of a self-training round."""
 
-
 from __future__ import annotations
 
 import logging

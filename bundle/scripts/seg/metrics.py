@@ -1,4 +1,5 @@
-"""Segmentation metrics as the WSSS papers report them, and the evaluation report (metrics.json, per-image CSV, overlays).
+"""Segmentation metrics as the WSSS papers report them, and the evaluation report (metrics.json, per-image CSV,
+overlays).
 
 Everything derives from a confusion matrix (rows ground truth, columns prediction, as ignite's ``ConfusionMatrix``)
 summed over the dataset: per-class IoU = TP / (TP + FP + FN), mIoU their mean (OEEM's protocol on GlaS), FwIoU
@@ -77,7 +78,8 @@ def object_scores(pred_objects: np.ndarray, true_objects: np.ndarray) -> dict:
     1..n, e.g. from ``skimage.measure.label``)."""
     n_pred, n_true = int(pred_objects.max(initial=0)), int(true_objects.max(initial=0))
     overlap = np.bincount(
-        pred_objects.ravel().astype(np.int64) * (n_true + 1) + true_objects.ravel(), minlength=(n_pred + 1) * (n_true + 1)
+        pred_objects.ravel().astype(np.int64) * (n_true + 1) + true_objects.ravel(),
+        minlength=(n_pred + 1) * (n_true + 1),
     ).reshape(n_pred + 1, n_true + 1)
     pred_area, true_area, inter = overlap[1:].sum(1), overlap[:, 1:].sum(0), overlap[1:, 1:]
     if n_pred == 0 or n_true == 0:
@@ -107,6 +109,7 @@ def pseudo_agreement(num_classes: int) -> MetricsLambda:
 def overlay(image: np.ndarray, pred: np.ndarray, mask: np.ndarray, alpha: float = 0.45, gap: int = 4) -> np.ndarray:
     """image | prediction | ground truth side by side, class colours blended over the image (H, W, 3 uint8 image);
     ground-truth pixels outside the palette's classes (ignore) are left unblended."""
+
     def blend(labels):
         colours = PALETTE[labels % len(PALETTE)].astype(np.float32)
         mixed = (1 - alpha) * image + alpha * colours
@@ -136,12 +139,21 @@ class SegmentationReport:
     """
 
     def __init__(
-        self, output_dir: str | os.PathLike, classes: Sequence[str], object_class: str | None = None,
-        ignore_index: int | None = None, overlays: bool = True,
+        self,
+        output_dir: str | os.PathLike,
+        classes: Sequence[str],
+        object_class: str | None = None,
+        ignore_index: int | None = None,
+        overlays: bool = True,
     ):
         if object_class is not None and object_class not in classes:
             raise ValueError(f"object_class {object_class!r} is not one of the classes {list(classes)}")
-        self.output_dir, self.classes, self.ignore_index, self.overlays = Path(output_dir), list(classes), ignore_index, overlays
+        self.output_dir, self.classes, self.ignore_index, self.overlays = (
+            Path(output_dir),
+            list(classes),
+            ignore_index,
+            overlays,
+        )
         self.object_index = None if object_class is None else self.classes.index(object_class)
         self.reset()
 
@@ -179,8 +191,12 @@ class SegmentationReport:
                 row["object_f1"] = object_f1(objects["tp"], objects["fp"], objects["fn"])
             self.rows.append(row)
             if self.overlays:
-                image = np.clip(torch.as_tensor(output["image"]).float().cpu().numpy() * 255 + 0.5, 0, 255).astype(np.uint8)
-                self._save_png(self.output_dir / "overlays" / f"{batch['name']}.png", overlay(image.transpose(1, 2, 0), pred, mask))
+                image = np.clip(torch.as_tensor(output["image"]).float().cpu().numpy() * 255 + 0.5, 0, 255).astype(
+                    np.uint8
+                )
+                self._save_png(
+                    self.output_dir / "overlays" / f"{batch['name']}.png", overlay(image.transpose(1, 2, 0), pred, mask)
+                )
 
     def summary(self) -> dict:
         """Dataset scores from the summed counts (object Dice and ``image_dice`` as means over images)."""
@@ -199,7 +215,10 @@ class SegmentationReport:
         engine.state.metrics.update(summary)
         absent = [c for c, v in zip(self.classes, scores(self.total)["iou"]) if np.isnan(v)]
         report = {
-            **summary, "images": len(self.rows), "classes": self.classes, "absent_classes": absent,
+            **summary,
+            "images": len(self.rows),
+            "classes": self.classes,
+            "absent_classes": absent,
             "object_class": None if self.object_index is None else self.classes[self.object_index],
             "overlay_colours": {c: PALETTE[i % len(PALETTE)].tolist() for i, c in enumerate(self.classes)},
             "confusion_matrix": self.total.tolist(),

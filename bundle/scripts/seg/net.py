@@ -28,8 +28,8 @@ class EfficientNetLite0Encoder(nn.Module, BaseEncoder):
         super().__init__()
         if spatial_dims != 2 or in_channels != 3:
             raise DataError(
-                f"efficientnet-lite0 is a 2D RGB encoder (spatial_dims=2, in_channels=3), got spatial_dims={spatial_dims}, "
-                f"in_channels={in_channels}"
+                "efficientnet-lite0 is a 2D RGB encoder (spatial_dims=2, in_channels=3), "
+                f"got spatial_dims={spatial_dims}, in_channels={in_channels}"
             )
         self.features = create_backbone("efficientnet_lite0", pretrained, features_only=True)
         cfg = self.features.pretrained_cfg

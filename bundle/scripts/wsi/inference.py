@@ -129,15 +129,23 @@ def load_weights(network: nn.Module, path, device) -> nn.Module:
         log.warning("no checkpoint (ckpt_path=None): running a randomly initialised network")
         return network
     if not os.path.isfile(path):
-        raise DataError(f"{path}: model checkpoint not found; train first, or pass --ckpt_path '$None' to run a "
-                        "randomly initialised network (development only)")
+        raise DataError(
+            f"{path}: model checkpoint not found; train first, or pass --ckpt_path '$None' to run a "
+            "randomly initialised network (development only)"
+        )
     network = load_network(network, path, "segmentation model", device)
-    broken = [key for key, value in network.state_dict().items()
-              if value.is_floating_point() and not torch.isfinite(value).all()]
+    broken = [
+        key
+        for key, value in network.state_dict().items()
+        if value.is_floating_point() and not torch.isfinite(value).all()
+    ]
     if broken:
-        raise DataError(f"{path}: the segmentation model checkpoint holds NaN or infinite weights ({len(broken)} "
-                        f"tensors, e.g. {broken[0]}): its training diverged; use an earlier checkpoint or retrain")
+        raise DataError(
+            f"{path}: the segmentation model checkpoint holds NaN or infinite weights ({len(broken)} "
+            f"tensors, e.g. {broken[0]}): its training diverged; use an earlier checkpoint or retrain"
+        )
     return network
+
 
 # ------------------------------------------------------------------------------------------- inference
 
@@ -172,10 +180,25 @@ class SlideInference:
     """
 
     def __init__(
-        self, network: nn.Module, inferer, classes, scale_intensity: Callable, activation: Callable, device="cpu",
-        mpp: float | None = 0.5, slide_mpp: float | None = None, mpp_tolerance: float = 0.1, backend: str = "cucim",
-        tile_size: int = 1024, batch_size: int = 2, num_workers: int = 1, prob_downsample: int = 8, amp: bool = False,
-        progress: bool = True, overwrite: bool = False, checkpoint: str | os.PathLike | None = None,
+        self,
+        network: nn.Module,
+        inferer,
+        classes,
+        scale_intensity: Callable,
+        activation: Callable,
+        device="cpu",
+        mpp: float | None = 0.5,
+        slide_mpp: float | None = None,
+        mpp_tolerance: float = 0.1,
+        backend: str = "cucim",
+        tile_size: int = 1024,
+        batch_size: int = 2,
+        num_workers: int = 1,
+        prob_downsample: int = 8,
+        amp: bool = False,
+        progress: bool = True,
+        overwrite: bool = False,
+        checkpoint: str | os.PathLike | None = None,
     ):
         if mpp is not None and not mpp > 0 or slide_mpp is not None and not slide_mpp > 0:
             raise DataError(f"mpp and slide_mpp must be positive (or None), got mpp={mpp}, slide_mpp={slide_mpp}")
@@ -183,8 +206,9 @@ class SlideInference:
             raise DataError("prob_downsample, tile_size and batch_size must be >= 1 and num_workers >= 0")
         self.classes, self.device = list(classes), torch.device(device)
         self.roi, self.margin, self.tile = tiling(inferer.roi_size, inferer.overlap, tile_size, prob_downsample)
-        self.model = TileModel(network, inferer, scale_intensity, activation, len(self.classes),
-                               amp and self.device.type == "cuda")
+        self.model = TileModel(
+            network, inferer, scale_intensity, activation, len(self.classes), amp and self.device.type == "cuda"
+        )
         self.mpp, self.slide_mpp, self.mpp_tolerance = mpp, slide_mpp, mpp_tolerance
         self.backend, self.batch_size, self.num_workers = backend, batch_size, num_workers
         self.prob_downsample, self.progress, self.overwrite = prob_downsample, progress, overwrite
@@ -211,8 +235,9 @@ class SlideInference:
         stems = [Path(p).stem for p in inputs]
         twice = sorted({s for s in stems if stems.count(s) > 1})
         if twice:
-            raise DataError(f"several inputs share the name {twice}: their outputs would collide; "
-                            "infer them separately")
+            raise DataError(
+                f"several inputs share the name {twice}: their outputs would collide; infer them separately"
+            )
         summaries, failed = [], {}
         for path in inputs:
             try:
@@ -224,8 +249,13 @@ class SlideInference:
                 log.exception("%s: failed", path)
                 failed[path] = f"{type(e).__name__}: {e}"
         skipped = sum(bool(s.get("skipped")) for s in summaries)
-        log.info("%d inputs: %d inferred, %d done before, %d failed", len(inputs), len(summaries) - skipped, skipped,
-                 len(failed))
+        log.info(
+            "%d inputs: %d inferred, %d done before, %d failed",
+            len(inputs),
+            len(summaries) - skipped,
+            skipped,
+            len(failed),
+        )
         if failed:
             lines = [reason if reason.startswith(path) else f"{path}: {reason}" for path, reason in failed.items()]
             error = DataError(f"{len(failed)} of {len(inputs)} inputs failed:\n" + "\n".join(lines))
@@ -239,14 +269,25 @@ class SlideInference:
 
     def plan(self, path: str) -> Plan:
         """Phase 1 (:func:`scripts.wsi.plan.plan_slide`) with this inference's tiling and pixel sizes."""
-        return plan_slide(path, tile=self.tile, margin=self.margin, model_mpp=self.mpp, slide_mpp=self.slide_mpp,
-                          mpp_tolerance=self.mpp_tolerance, backend=self.backend)
+        return plan_slide(
+            path,
+            tile=self.tile,
+            margin=self.margin,
+            model_mpp=self.mpp,
+            slide_mpp=self.slide_mpp,
+            mpp_tolerance=self.mpp_tolerance,
+            backend=self.backend,
+        )
 
     def loader(self, plan: Plan) -> torch.utils.data.DataLoader:
         """The plan's tissue tiles, batched, read by ``num_workers`` workers."""
         workers = self.num_workers if plan.tiles else 0
-        return torch.utils.data.DataLoader(TileDataset(plan, self.backend), batch_size=self.batch_size,
-                                           num_workers=workers, prefetch_factor=4 if workers else None)
+        return torch.utils.data.DataLoader(
+            TileDataset(plan, self.backend),
+            batch_size=self.batch_size,
+            num_workers=workers,
+            prefetch_factor=4 if workers else None,
+        )
 
     def infer(self, path: str, output_dir: str | os.PathLike) -> dict:
         """Infer one slide or tile and write its five outputs (as a set: all or none, see
@@ -271,15 +312,32 @@ class SlideInference:
             labels = stack.enter_context(LabelStore(tmp["scratch"], grid.height, grid.width))
             probabilities = stack.enter_context(ProbabilityStore(tmp["probabilities"], shape))
             self.network.eval()
-            counts = predict(plan, self.loader(plan), self.model, labels, probabilities, f, self.device, self.progress,
-                             self.network_name)
+            counts = predict(
+                plan,
+                self.loader(plan),
+                self.model,
+                labels,
+                probabilities,
+                f,
+                self.device,
+                self.progress,
+                self.network_name,
+            )
             reduced = reduced_labels(probabilities, band=max(1, plan.tile // f))
             probabilities.close()
             polygons = write_maps(tmp, plan, labels, reduced, self.classes, f)
             labels.close()  # the scratch file's space back before the next slide
-            summary = slide_summary(plan, self.classes, counts, model_mpp=self.mpp, prob_downsample=f,
-                                    windows=self.model.windows - windows_before, polygons=polygons,
-                                    seconds=time.time() - start, outputs=out)
+            summary = slide_summary(
+                plan,
+                self.classes,
+                counts,
+                model_mpp=self.mpp,
+                prob_downsample=f,
+                windows=self.model.windows - windows_before,
+                polygons=polygons,
+                seconds=time.time() - start,
+                outputs=out,
+            )
             write_json(tmp["summary"], summary)
         log.info("%s: %s", path, summary["message"])
         return summary

@@ -50,8 +50,13 @@ from .pyramid_tiff import write_pyramidal_tiff
 from .reader import read_lowres
 
 # a slide's outputs: key -> suffix after the slide's name; the summary is written last and marks the slide done
-OUTPUTS = {"labels": "_labels.tif", "probabilities": "_probabilities.npy", "geojson": ".geojson",
-           "overlay": "_overlay.png", "summary": "_summary.json"}
+OUTPUTS = {
+    "labels": "_labels.tif",
+    "probabilities": "_probabilities.npy",
+    "geojson": ".geojson",
+    "overlay": "_overlay.png",
+    "summary": "_summary.json",
+}
 THUMBNAIL = 1024  # longest side of the overlay
 LOCK = "lock"  # in a slide's partial folder: held (flock) by the run writing it, with that run's process id
 
@@ -180,10 +185,18 @@ class ProbabilityStore:
         channels, rows, cols = index
         block = np.asarray(block)
         y0, x0 = rows.start or 0, cols.start or 0
-        if (channels != slice(None) or rows.step not in (None, 1) or cols.step not in (None, 1) or block.ndim != 3
-                or None in (rows.stop, cols.stop) or (rows.stop - y0, cols.stop - x0) != block.shape[1:]):
-            raise IndexError(f"ProbabilityStore takes whole blocks, store[:, y0:y1, x0:x1] = C x (y1 - y0) x (x1 - x0) "
-                             f"array; got [{rows}, {cols}] = {block.shape}")
+        if (
+            channels != slice(None)
+            or rows.step not in (None, 1)
+            or cols.step not in (None, 1)
+            or block.ndim != 3
+            or None in (rows.stop, cols.stop)
+            or (rows.stop - y0, cols.stop - x0) != block.shape[1:]
+        ):
+            raise IndexError(
+                f"ProbabilityStore takes whole blocks, store[:, y0:y1, x0:x1] = C x (y1 - y0) x (x1 - x0) "
+                f"array; got [{rows}, {cols}] = {block.shape}"
+            )
         self.write(y0, x0, block)
 
     def write(self, y: int, x: int, block: np.ndarray) -> None:
@@ -233,8 +246,10 @@ def _leftovers(name: str) -> re.Pattern:
     """Temporary files of one slide left by versions before :func:`partial_outputs` (a killed run, a full disk):
     the label scratch file and the outputs' atomic-write names."""
     random8 = r"[0-9A-Za-z_]{8}"
-    outputs = "|".join(re.escape(suffix.rsplit(".", 1)[0]) + rf"\.{random8}\.tmp\." + suffix.rsplit(".", 1)[1]
-                       for suffix in OUTPUTS.values())
+    outputs = "|".join(
+        re.escape(suffix.rsplit(".", 1)[0]) + rf"\.{random8}\.tmp\." + suffix.rsplit(".", 1)[1]
+        for suffix in OUTPUTS.values()
+    )
     return re.compile(rf"\.{re.escape(name)}(\.{random8}\.labels\.tmp|{outputs})")
 
 
@@ -253,8 +268,10 @@ def remove_leftovers(output_dir: str | os.PathLike, name: str) -> None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise DataError(f"{folder}: another run (process {pid}) is writing the outputs of {name} into this "
-                            "folder; wait for it to finish, or write elsewhere (--output_dir)") from None
+            raise DataError(
+                f"{folder}: another run (process {pid}) is writing the outputs of {name} into this "
+                "folder; wait for it to finish, or write elsewhere (--output_dir)"
+            ) from None
         else:
             log.info("%s: removing the temporary files of an interrupted run", folder)
             shutil.rmtree(folder, ignore_errors=True)
@@ -278,10 +295,13 @@ def _write_failed(target: Path, slide: str, output_dir: Path, error: OSError) ->
             free = f" ({_size(shutil.disk_usage(output_dir).free)} free once its partial files were removed)"
         except OSError:
             free = ""
-        return DataError(f"{target}: {problem} while writing the outputs of {slide}{free}; nothing of this slide "
-                         "was kept: free some space (or write elsewhere, --output_dir) and run again")
-    return DataError(f"{target}: cannot write the outputs of {slide} ({error.strerror or error}); nothing of this "
-                     "slide was kept")
+        return DataError(
+            f"{target}: {problem} while writing the outputs of {slide}{free}; nothing of this slide "
+            "was kept: free some space (or write elsewhere, --output_dir) and run again"
+        )
+    return DataError(
+        f"{target}: cannot write the outputs of {slide} ({error.strerror or error}); nothing of this slide was kept"
+    )
 
 
 @contextlib.contextmanager
@@ -317,8 +337,10 @@ def partial_outputs(output_dir: str | os.PathLike, name: str, slide: str):
                 folder.mkdir()
         except OutputWriteError as e:
             if isinstance(e.error, FileExistsError):  # made since remove_leftovers looked
-                raise DataError(f"{folder}: another run is writing the outputs of {name} into this folder; wait for "
-                                "it to finish, or write elsewhere (--output_dir)") from None
+                raise DataError(
+                    f"{folder}: another run is writing the outputs of {name} into this folder; wait for "
+                    "it to finish, or write elsewhere (--output_dir)"
+                ) from None
             raise
         try:
             with writing(folder / LOCK):
@@ -356,8 +378,11 @@ def disk_needs(height: int, width: int, num_classes: int, prob_downsample: int) 
     plus 16 MB: LZW label pyramids measure 20-100 times smaller than their pixel count)."""
     f = prob_downsample
     probabilities = 2 * num_classes * -(-height // f) * -(-width // f) + 128
-    return {"label scratch file": height * width, "probabilities": probabilities,
-            "label TIFF + GeoJSON + overlay (estimate)": height * width // 10 + 16 * 10**6}
+    return {
+        "label scratch file": height * width,
+        "probabilities": probabilities,
+        "label TIFF + GeoJSON + overlay (estimate)": height * width // 10 + 16 * 10**6,
+    }
 
 
 def check_free_space(output_dir: str | os.PathLike, slide: str, needs: dict[str, int]) -> None:
@@ -365,12 +390,20 @@ def check_free_space(output_dir: str | os.PathLike, slide: str, needs: dict[str,
     free, need = shutil.disk_usage(output_dir).free, sum(needs.values())
     if free < need:
         parts = ", ".join(f"{what} {_size(n)}" for what, n in needs.items())
-        raise DataError(f"{output_dir}: not enough free disk space for the outputs of {slide}: about {_size(need)} "
-                        f"needed ({parts}), {_size(free)} free; free some space or write elsewhere (--output_dir)")
+        raise DataError(
+            f"{output_dir}: not enough free disk space for the outputs of {slide}: about {_size(need)} "
+            f"needed ({parts}), {_size(free)} free; free some space or write elsewhere (--output_dir)"
+        )
 
 
-def label_polygons(labels: np.ndarray, classes: list[str], scale: float, size: tuple[float, float],
-                   min_area: float = 4.0, tolerance: float = 0.5) -> list[Polygon]:
+def label_polygons(
+    labels: np.ndarray,
+    classes: list[str],
+    scale: float,
+    size: tuple[float, float],
+    min_area: float = 4.0,
+    tolerance: float = 0.5,
+) -> list[Polygon]:
     """Polygons of each class of ``labels`` (H x W, values index ``classes``; others are ignored).
 
     Contours follow pixel edges' midpoints (skimage ``find_contours`` at 0.5 on a zero-padded mask, so every ring is
@@ -401,8 +434,9 @@ def label_polygons(labels: np.ndarray, classes: list[str], scale: float, size: t
                     break
         # padded (row, col) -> level-0 (x, y): -1 for the padding, +0.5 from pixel centre to pixel edge
         to_level0 = lambda ring: np.clip((ring[:, ::-1] - 0.5) * scale, 0, size)  # noqa: E731
-        out += [Polygon(name, to_level0(outer), [to_level0(h) for h in hs])
-                for (_, outer), hs in zip(outers, rings_holes)]
+        out += [
+            Polygon(name, to_level0(outer), [to_level0(h) for h in hs]) for (_, outer), hs in zip(outers, rings_holes)
+        ]
     return out
 
 
@@ -413,20 +447,30 @@ def _colour(classes: list[str], name: str) -> list[int]:
 def geojson(polygons: list[Polygon], classes: list[str]) -> dict:
     """A GeoJSON FeatureCollection QuPath imports: one annotation per polygon, ``classification`` with name and
     colour, rings closed as GeoJSON requires (coordinates rounded to 0.01 px)."""
+
     def ring(points):
         points = np.round(points, 2)
         return np.concatenate([points, points[:1]]).tolist()
 
-    return {"type": "FeatureCollection", "features": [
-        {"type": "Feature",
-         "geometry": {"type": "Polygon", "coordinates": [ring(p.exterior)] + [ring(h) for h in p.holes]},
-         "properties": {"objectType": "annotation",
-                        "classification": {"name": p.class_name, "color": _colour(classes, p.class_name)}}}
-        for p in polygons]}
+    return {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [ring(p.exterior)] + [ring(h) for h in p.holes]},
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": {"name": p.class_name, "color": _colour(classes, p.class_name)},
+                },
+            }
+            for p in polygons
+        ],
+    }
 
 
-def overlay_png(path: str | os.PathLike, thumbnail: np.ndarray, labels: np.ndarray, classes: list[str],
-                alpha: float = 0.45) -> None:
+def overlay_png(
+    path: str | os.PathLike, thumbnail: np.ndarray, labels: np.ndarray, classes: list[str], alpha: float = 0.45
+) -> None:
     """``thumbnail`` (H x W x 3) with ``labels`` (any size, resized nearest) blended in class colours, a legend
     below."""
     thumbnail = np.asarray(thumbnail, np.float32)
@@ -446,8 +490,9 @@ def overlay_png(path: str | os.PathLike, thumbnail: np.ndarray, labels: np.ndarr
         draw.text((x + 22, height + 6), name, fill=(0, 0, 0), font=font)
         x += 40 + int(draw.textlength(name, font=font))
     # 256 colours (a third of the bytes): 200 for the picture, the class colours and a grey ramp for the legend
-    picture = canvas.crop((0, 0, width, height)).quantize(200, method=Image.Quantize.MEDIANCUT,
-                                                           dither=Image.Dither.NONE)
+    picture = canvas.crop((0, 0, width, height)).quantize(
+        200, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE
+    )
     grey = [v for g in np.linspace(0, 255, 56 - len(classes)).astype(int).tolist() for v in (g, g, g)]
     colours = [v for name in classes for v in _colour(classes, name)]
     palette = Image.new("P", (1, 1))
@@ -510,8 +555,14 @@ def write_maps(paths: dict, plan: Plan, labels, reduced: np.ndarray, classes: li
     """
     grid = plan.grid
     with writing(paths["labels"]):
-        write_pyramidal_tiff(paths["labels"], labels, mpp=grid.mpp, compression="lzw", min_size=256,
-                             description=f"pathology_wsss labels: {', '.join(classes)}; {NO_TISSUE} = no tissue")
+        write_pyramidal_tiff(
+            paths["labels"],
+            labels,
+            mpp=grid.mpp,
+            compression="lzw",
+            min_size=256,
+            description=f"pathology_wsss labels: {', '.join(classes)}; {NO_TISSUE} = no tissue",
+        )
     height0, width0 = (int(v) for v in plan.reader.get_size(plan.wsi, 0))
     polygons = label_polygons(reduced, classes, prob_downsample * grid.downsample, (width0, height0))
     write_json(paths["geojson"], geojson(polygons, classes))
@@ -521,8 +572,18 @@ def write_maps(paths: dict, plan: Plan, labels, reduced: np.ndarray, classes: li
     return len(polygons)
 
 
-def slide_summary(plan: Plan, classes: list[str], counts: np.ndarray, *, model_mpp: float | None, windows: int,
-                  polygons: int, prob_downsample: int, seconds: float, outputs: dict) -> dict:
+def slide_summary(
+    plan: Plan,
+    classes: list[str],
+    counts: np.ndarray,
+    *,
+    model_mpp: float | None,
+    windows: int,
+    polygons: int,
+    prob_downsample: int,
+    seconds: float,
+    outputs: dict,
+) -> dict:
     """A slide's summary: the grid it was inferred at, the work done, and class areas in pixels and mm².
 
     Args:
@@ -543,18 +604,34 @@ def slide_summary(plan: Plan, classes: list[str], counts: np.ndarray, *, model_m
     tissue = int(counts[: len(classes)].sum())
     mm2 = None if grid.mpp is None else (grid.mpp / 1000) ** 2
     areas = {c: int(counts[i]) for i, c in enumerate(classes)}
-    message = (f"{len(plan.tiles)} of {plan.total_tiles} tiles inferred, {tissue / 1e6:.2f} tissue MP in "
-               f"{seconds:.1f} s" if plan.tiles else "no tissue found: empty outputs written")
+    message = (
+        f"{len(plan.tiles)} of {plan.total_tiles} tiles inferred, {tissue / 1e6:.2f} tissue MP in {seconds:.1f} s"
+        if plan.tiles
+        else "no tissue found: empty outputs written"
+    )
     return {
-        "slide": plan.path, "message": message, "classes": classes,
-        "slide_mpp": plan.slide_mpp, "model_mpp": model_mpp, "level": grid.level,
-        "level_downsample": grid.level_downsample, "downsample": grid.downsample,
-        "resampled": abs(grid.scale - 1) > 1e-9, "grid_size": [grid.height, grid.width], "mpp": grid.mpp,
-        "tiles_total": plan.total_tiles, "tiles_inferred": len(plan.tiles),
-        "windows_inferred": windows, "tile_size": plan.tile, "margin": plan.margin,
-        "class_pixels": areas, "tissue_pixels": tissue,
+        "slide": plan.path,
+        "message": message,
+        "classes": classes,
+        "slide_mpp": plan.slide_mpp,
+        "model_mpp": model_mpp,
+        "level": grid.level,
+        "level_downsample": grid.level_downsample,
+        "downsample": grid.downsample,
+        "resampled": abs(grid.scale - 1) > 1e-9,
+        "grid_size": [grid.height, grid.width],
+        "mpp": grid.mpp,
+        "tiles_total": plan.total_tiles,
+        "tiles_inferred": len(plan.tiles),
+        "windows_inferred": windows,
+        "tile_size": plan.tile,
+        "margin": plan.margin,
+        "class_pixels": areas,
+        "tissue_pixels": tissue,
         "class_area_mm2": None if mm2 is None else {c: n * mm2 for c, n in areas.items()},
         "tissue_area_mm2": None if mm2 is None else tissue * mm2,
-        "polygons": polygons, "probability_downsample": prob_downsample * grid.downsample,
-        "seconds": round(seconds, 3), "outputs": {k: Path(p).name for k, p in outputs.items()},
+        "polygons": polygons,
+        "probability_downsample": prob_downsample * grid.downsample,
+        "seconds": round(seconds, 3),
+        "outputs": {k: Path(p).name for k, p in outputs.items()},
     }

@@ -127,14 +127,16 @@ def read_region(reader, wsi, grid: Grid, y: int, x: int, size: int) -> np.ndarra
         data, _ = reader.get_data(wsi, location=location, size=(cy1 - cy0, cx1 - cx0), level=grid.level)
     except Exception as e:  # the backends raise ValueError, RuntimeError, OpenSlideError ...
         raise DataError(
-            f"{reader.get_file_path(wsi)}: cannot decode level {grid.level} at rows {cy0}-{cy1} ({e})") from e
+            f"{reader.get_file_path(wsi)}: cannot decode level {grid.level} at rows {cy0}-{cy1} ({e})"
+        ) from e
     rgb = _rgb(data)
     pad = ((max(0, cy0 - y0), max(0, y1 - cy1)), (max(0, cx0 - x0), max(0, x1 - cx1)), (0, 0))
     rgb = np.pad(rgb, pad, mode="edge")[: y1 - y0, : x1 - x0]
     if rgb.shape[:2] != (size, size):
         chw = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float()[None]
-        chw = torch.nn.functional.interpolate(chw, size=(size, size), mode="bilinear", antialias=s > 1,
-                                              align_corners=False)
+        chw = torch.nn.functional.interpolate(
+            chw, size=(size, size), mode="bilinear", antialias=s > 1, align_corners=False
+        )
         rgb = chw[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     return rgb
 
@@ -203,8 +205,16 @@ def debris_size(height0: int, width0: int) -> float:
     return min(float(DEBRIS_PX0), height0 * width0 / 16)
 
 
-def plan_slide(path: str, *, tile: int, margin: int, model_mpp: float | None, slide_mpp: float | None,
-               mpp_tolerance: float, backend: str) -> Plan:
+def plan_slide(
+    path: str,
+    *,
+    tile: int,
+    margin: int,
+    model_mpp: float | None,
+    slide_mpp: float | None,
+    mpp_tolerance: float,
+    backend: str,
+) -> Plan:
     """Open a slide or tile, choose its grid, compute its tissue mask (dropping debris under :func:`debris_size`) and
     list the tiles that touch tissue.
 
@@ -225,13 +235,16 @@ def plan_slide(path: str, *, tile: int, margin: int, model_mpp: float | None, sl
     mpp = recorded_mpp(path, reader, wsi) if not is_tile else None
     mpp = mpp or slide_mpp or (model_mpp if is_tile else None)
     if model_mpp is not None and mpp is None:
-        raise DataError(f"{path}: the slide records no pixel size (mpp), needed to infer at the model's "
-                        f"{model_mpp} um/px; state it with --slide_mpp <um per level-0 pixel>, or pass --mpp '$None' "
-                        "to infer at level 0 as it is")
+        raise DataError(
+            f"{path}: the slide records no pixel size (mpp), needed to infer at the model's "
+            f"{model_mpp} um/px; state it with --slide_mpp <um per level-0 pixel>, or pass --mpp '$None' "
+            "to infer at level 0 as it is"
+        )
     grid = choose_grid(reader, wsi, mpp, model_mpp, mpp_tolerance)
     height0, width0 = (int(v) for v in reader.get_size(wsi, 0))
-    mask, mask_ds = tissue_mask(reader, wsi, min(32.0, max(1.0, max(height0, width0) / 1024)),
-                                min_object_px0=debris_size(height0, width0))
+    mask, mask_ds = tissue_mask(
+        reader, wsi, min(32.0, max(1.0, max(height0, width0) / 1024)), min_object_px0=debris_size(height0, width0)
+    )
     plan = Plan(path, reader, wsi, mpp, grid, mask, mask_ds, tile, margin)
     for ty in range(0, grid.height, tile):
         for tx in range(0, grid.width, tile):
