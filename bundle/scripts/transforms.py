@@ -40,6 +40,12 @@ class LoadPatchd(MapTransform):
     ``size`` at ``level``; its mask is a label TIFF read the same way, or a PNG holding just that patch (the
     pseudo-label stage writes one per slide patch). Keys in ``mask_keys`` are read as class-index masks, the
     others as RGB.
+
+    Args:
+        keys: the entry keys whose files are read; the others pass through.
+        mask_keys: the keys read as class-index masks (1 channel); the others are read as RGB.
+        backend: slide reader, ``"cucim"`` (OpenSlide fallback) or ``"openslide"``; tiles ignore it.
+        allow_missing_keys: skip a key an entry lacks instead of raising.
     """
 
     def __init__(
@@ -115,6 +121,13 @@ class RandHEDJitterd(RandomizableTransform, MapTransform):
     ``skimage.color.rgb2hed`` is not used because it clips negative stain amounts, which changes colours
     outside the H-E-DAB cone even with no jitter; this linear round trip is exact.
     Input: channel-first RGB in [0, 1]; output the same, clipped.
+
+    Args:
+        keys: the keys of the images to jitter.
+        prob: probability in [0, 1] of jittering a sample (all its keys alike).
+        alpha: scale jitter: each stain is multiplied by U(1 - alpha, 1 + alpha).
+        beta: shift jitter in optical-density units: each stain is shifted by U(-beta, beta).
+        allow_missing_keys: skip a key a sample lacks instead of raising.
     """
 
     def __init__(

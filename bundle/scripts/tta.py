@@ -33,8 +33,13 @@ def invert(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
 
 class Averaged(nn.Module):
     """``network``'s dense output averaged over the ``tta`` transforms of its input (``"none"``: the network alone).
-    Wrap the module that returns probabilities (e.g. :class:`scripts.seg_net.GatedSegmenter`) to average those.
-    Odd quarter turns (``"d4"``) need square inputs, e.g. sliding-window tiles."""
+    Wrap the module that returns probabilities (e.g. :class:`scripts.seg.net.GatedSegmenter`) to average those.
+    Odd quarter turns (``"d4"``) need square inputs, e.g. sliding-window tiles.
+
+    Args:
+        network: the module whose dense (B, C, H, W) output is averaged.
+        tta: ``"none"``, ``"flip"`` (identity, left-right, up-down, 180 degrees) or ``"d4"`` (all 8 flips and turns).
+    """
 
     def __init__(self, network: nn.Module, tta: str = "flip"):
         super().__init__()

@@ -56,7 +56,7 @@ def white_background(rgb: torch.Tensor, threshold: float = 0.8) -> torch.Tensor:
 
 
 class MultiLayerCAM:
-    """Per-class activation maps of a :class:`scripts.cam_net.CAMNet` at several layers.
+    """Per-class activation maps of a :class:`scripts.cam.net.CAMNet` at several layers.
 
     ``layers`` are module names of the network: ``cam_layer`` (the 1x1 classifier, whose output *is* the
     CAM) gives the CAM, any other layer a Grad-CAM (Selvaraju et al., 2017; one backward pass per class
@@ -155,6 +155,15 @@ class WholeImageCAM:
     ``input_size`` whole (a classifier trained on whole images). Each window keeps the classes the network
     predicts there; the caller drops the classes the image is not tagged with. Every map is then divided by its
     maximum over the image, so the maps of one image compare and lie in [0, 1].
+
+    Args:
+        layers: module names of the network whose maps are returned, in output order (see :class:`MultiLayerCAM`).
+        input_size: side in pixels the classifier was trained at; each window (or the whole image) is resized to it.
+        mean: per-channel normalisation mean of RGB in [0, 1] (the backbone's ``pretrained_cfg``).
+        std: per-channel normalisation standard deviation, likewise.
+        window: training patch side in pixels, the sliding-window size; None resizes the whole image.
+        tta: test-time augmentation per window: ``"none"``, ``"flip"`` or ``"d4"`` (:mod:`scripts.tta`).
+        sw_batch_size: windows per forward pass.
     """
 
     def __init__(

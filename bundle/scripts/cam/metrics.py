@@ -35,13 +35,29 @@ def _f1(threshold: float) -> MetricsLambda:
 
 
 def macro_f1(threshold: float = 0.5) -> MetricsLambda:
-    """Mean over classes of the per-class F1 at a fixed probability threshold: the checkpoint criterion."""
+    """Mean over classes of the per-class F1 at a fixed probability threshold: the checkpoint criterion.
+
+    Args:
+        threshold: probability in [0, 1] at or above which a class counts as predicted.
+
+    Returns:
+        An ignite metric giving the macro F1 in [0, 1].
+    """
     return _f1(threshold).mean()
 
 
 def report_metrics(classes: Sequence[str], with_masks: bool = False, threshold: float = 0.5) -> dict[str, Metric]:
     """Per-class F1 and ROC-AUC, mean AUC, and (``with_masks``) ``val_cam_miou``: the mIoU of arg-max CAM masks
-    against the validation masks, intersections and unions summed over the epoch (the OEEM protocol)."""
+    against the validation masks, intersections and unions summed over the epoch (the OEEM protocol).
+
+    Args:
+        classes: class names in channel order; they name the per-class metrics.
+        with_masks: also report ``val_cam_miou`` (the validation entries carry masks).
+        threshold: probability in [0, 1] at or above which a class counts as predicted, for the F1s.
+
+    Returns:
+        Metric name -> ignite metric: ``val_auc``, ``val_f1_NAME``, ``val_auc_NAME`` and, with masks, ``val_cam_miou``.
+    """
     f1 = _f1(threshold)
     auc = EpochMetric(partial(compute_roc_auc, average="none"), output_transform=probabilities, check_compute_fn=False)
     metrics: dict[str, Metric] = {"val_auc": MetricsLambda(lambda v: float(np.nanmean(v)), auc)}

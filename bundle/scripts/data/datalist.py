@@ -197,7 +197,14 @@ def _load(path: str | os.PathLike) -> dict:
 
 
 def read_classes(path: str | os.PathLike) -> list[str]:
-    """Class names of a datalist, the single source of truth for the class count."""
+    """Class names of a datalist, the single source of truth for the class count.
+
+    Args:
+        path: the datalist JSON.
+
+    Returns:
+        Its ``classes``, checked: at least one, unique, non-empty strings.
+    """
     data = _load(path)
     if "classes" not in data:
         raise DataError(f"{path}: no 'classes' list; a datalist names its classes")
@@ -214,6 +221,13 @@ def validate_datalist(path: str | os.PathLike, require: Sequence[str] = ("traini
     ``location``/``size``; a split in ``require`` (e.g. ``("training", "validation")``) that is missing or empty;
     the same sample (image, location, size, level) twice in a split; the same image in two splits (a leak);
     a ``mask_ignore_index`` that is not an integer 0-255. Mask values: :func:`check_mask_values`.
+
+    Args:
+        path: the datalist JSON.
+        require: splits (of ``training``, ``validation``, ``test``) that must be present and non-empty.
+
+    Returns:
+        The datalist's content, with its ``classes`` cleaned (names stripped).
     """
     data = _load(path)
     source = str(path)
@@ -301,6 +315,13 @@ def check_mask_values(datalist: str | os.PathLike, split: str) -> int:
     Valid values: the class indices ``0..C-1``, the datalist's ``mask_ignore_index`` and 255 (ignored by the metrics).
     Values outside them are an error naming the mask, the values and the classes (the metrics would silently drop
     those pixels), as is a mask that holds 255 but none of a class its entries are tagged with (saved as 0/255).
+
+    Args:
+        datalist: the datalist JSON; relative mask paths are relative to its folder.
+        split: the split whose masks are read: ``training``, ``validation`` or ``test``.
+
+    Returns:
+        The number of distinct masks read (0 when the split has no masks).
     """
     from ..images import read_mask
 

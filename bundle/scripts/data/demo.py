@@ -45,6 +45,23 @@ def prepare_demo(
     pyramidal slide ``slide/demo_slide.tif`` (JPEG, mpp tags) and its label pyramid
     ``slide/demo_slide_mask.tif`` (255 = no tissue) for whole-slide inference. Same seed, same bytes.
     An existing datalist is kept unless ``force``.
+
+    Args:
+        output_dir: the folder the dataset is written to (created if missing).
+        n_train: training tiles, at least 1.
+        n_validation: validation tiles.
+        n_test: test tiles.
+        tile_size: tile side in pixels.
+        seed: the seed every image is drawn from.
+        slide_size: slide side in pixels at level 0.
+        mpp: slide resolution in microns per pixel, written to its tags.
+        patch_size: side in pixels of the datalist's patches, cut from each tile.
+        stride: step in pixels between those patches.
+        min_fraction: share of a patch, in [0, 1), a class must exceed for the patch to be tagged with it.
+        force: regenerate even if ``datalist.json`` exists.
+
+    Returns:
+        The path of ``output_dir/datalist.json``.
     """
     output_dir = Path(output_dir)
     datalist = output_dir / "datalist.json"

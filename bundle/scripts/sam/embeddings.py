@@ -14,7 +14,13 @@ logger = logging.getLogger(__name__)
 
 class Embeddings:
     """SAM image embeddings by item name. The encoder stays frozen, so an image is encoded once for the first pass
-    and every refinement round (``cache``: kept in memory, ~4 MB per image for LiteMedSAM; off -> re-encoded)."""
+    and every refinement round (``cache``: kept in memory, ~4 MB per image for LiteMedSAM; off -> re-encoded).
+
+    Args:
+        sam: the SAM model whose image encoder makes the embeddings.
+        cache: keep each embedding in memory; False re-encodes the image at every call.
+        slide_backend: slide reader, ``"cucim"`` or ``"openslide"`` (see :class:`scripts.transforms.LoadPatchd`).
+    """
 
     def __init__(self, sam: SegmentAnything, cache: bool = True, slide_backend: str = "cucim"):
         self.sam, self.cache, self.store = sam, cache, {}

@@ -30,9 +30,18 @@ def load_cams(path: Path) -> np.ndarray:
 
 
 class PseudoLabelHandler:
-    """ignite handler for an evaluator whose inferer is :class:`scripts.cam.WholeImageCAM` and whose loader gives
+    """ignite handler for an evaluator whose inferer is :class:`scripts.cam.maps.WholeImageCAM` and whose loader gives
     :meth:`pending` items one per batch, with no augmentation (masks belong to the image as stored). Per image it
-    writes the CAM, the CAM-only mask of every layer and the SAM pseudo-mask of round 0."""
+    writes the CAM, the CAM-only mask of every layer and the SAM pseudo-mask of round 0.
+
+    Args:
+        items: the units of work (:func:`scripts.sam.outputs.pseudo_items`), with ``name``, ``image`` and ``label``.
+        output_dir: the stage's output folder (file names: :class:`scripts.sam.outputs.Outputs`).
+        sam: the SAM model prompted for the round-0 pseudo-masks.
+        rules: the prompt and fusion rules, shared with the refinement rounds.
+        num_layers: CAM layers the inferer returns, one CAM-only mask each.
+        embeddings: the SAM embedding cache, shared with the refinement rounds.
+    """
 
     def __init__(
         self,

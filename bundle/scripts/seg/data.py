@@ -18,6 +18,13 @@ def hold_out(entries: Sequence[dict], fraction: float = 0.1) -> tuple[list[dict]
     Images are ranked by a hash of their file name, so the split is the same on every run and machine and does not
     depend on entry order; at least one image is held back when ``fraction`` > 0 and there are two or more. Model
     selection on the held-back part compares predictions with pseudo-masks, never with ground truth.
+
+    Args:
+        entries: training entries (patches of images).
+        fraction: share of the images to hold back, in [0, 1).
+
+    Returns:
+        ``(kept, held_back)`` entry lists; an image's patches are all in one of them.
     """
     if not 0 <= fraction < 1:
         raise DataError(f"holdout fraction must be in [0, 1), got {fraction}")
@@ -32,14 +39,29 @@ def hold_out(entries: Sequence[dict], fraction: float = 0.1) -> tuple[list[dict]
 
 
 def layer_keys(num_layers: int) -> list[str]:
-    """The keys :func:`pseudo_targets` gives the pseudo-mask layers, in loss-weight order."""
+    """The keys :func:`pseudo_targets` gives the pseudo-mask layers, in loss-weight order.
+
+    Args:
+        num_layers: pseudo-mask layers, the loss's weight count.
+
+    Returns:
+        ``["pseudo_0", ..., "pseudo_{num_layers - 1}"]``.
+    """
     return [f"pseudo_{i}" for i in range(num_layers)]
 
 
 def pseudo_targets(entries: Sequence[dict], num_layers: int) -> list[dict]:
     """Each entry with its pseudo-mask layers under :func:`layer_keys` (from ``pseudo_layers``, or ``pseudo`` for one
     layer), which ``LoadPatchd`` reads and ``ConcatItemsd`` stacks into the (L, H, W) target of
-    :class:`scripts.losses.PseudoSupervisionLoss`."""
+    :class:`scripts.seg.losses.PseudoSupervisionLoss`.
+
+    Args:
+        entries: training entries of ``datalist_pseudo.json``.
+        num_layers: pseudo-mask layers per entry, the loss's weight count.
+
+    Returns:
+        Copies of the entries with the layer paths under :func:`layer_keys`.
+    """
     keys = layer_keys(num_layers)
     out = []
     for entry in entries:
@@ -57,7 +79,14 @@ def pseudo_targets(entries: Sequence[dict], num_layers: int) -> list[dict]:
 def whole_images(entries: Sequence[dict]) -> list[dict]:
     """One ``{"image", "mask", "name"}`` entry per image, in first-seen order: patch entries (``location``/``size``) of
     an image collapse into the full image, for sliding-window evaluation. Every image needs a ground-truth mask;
-    slide patches (``level``) are refused: slides are evaluated through whole-slide inference."""
+    slide patches (``level``) are refused: slides are evaluated through whole-slide inference.
+
+    Args:
+        entries: the entries of the evaluated split.
+
+    Returns:
+        One entry per image; ``name`` is the file stem, unique.
+    """
     images: dict[str, dict] = {}
     names: dict[str, str] = {}
     for entry in entries:
@@ -81,7 +110,14 @@ def whole_images(entries: Sequence[dict]) -> list[dict]:
 
 
 def eval_split(datalist: str | os.PathLike) -> str:
-    """The split evaluation reports on: ``test`` when its entries carry masks, else ``validation`` (GlaS dev)."""
+    """The split evaluation reports on: ``test`` when its entries carry masks, else ``validation`` (GlaS dev).
+
+    Args:
+        datalist: the datalist JSON.
+
+    Returns:
+        ``"test"`` or ``"validation"``.
+    """
     data = json.loads(Path(datalist).read_text())
     test = data.get("test") or []
     return "test" if test and all("mask" in e for e in test) else "validation"

@@ -30,6 +30,12 @@ class PseudoSupervisionLoss(nn.Module):
     ``easy_mining``: each pixel's cross entropy is weighted by 1 - its loss min-max normalised among the pixels of
     the same patch and pseudo-class (weights not back-propagated), so the pixels the network finds hardest to fit,
     likely pseudo-mask errors, count least; per class, so a rare class is not drowned by an easy common one.
+
+    Args:
+        weights: one weight >= 0 per pseudo-mask layer, in the target's channel order.
+        lambda_dice: weight >= 0 of the Dice term; 0: cross entropy alone.
+        ignore_index: the target value counted nowhere (default 255).
+        easy_mining: weight each pixel's cross entropy by how easy it is (see above).
     """
 
     def __init__(

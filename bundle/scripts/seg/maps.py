@@ -17,7 +17,14 @@ class SegmentationMaps:
     """Inferer for self-training (``relabel.json``): a trained segmentation network's class probabilities stand in for
     the CAMs, as one layer (B, 1, C, H, W), so the next round's prompts come from its sharper, better separated regions.
     Images are scaled to [0, 1] and read in ``roi_size`` windows with Gaussian blending, as the network was trained;
-    ``tta`` averages each window over flips (:mod:`scripts.tta`), as the CAMs of the first round are."""
+    ``tta`` averages each window over flips (:mod:`scripts.tta`), as the CAMs of the first round are.
+
+    Args:
+        roi_size: window side in pixels, the training patch size.
+        sw_batch_size: windows per forward pass.
+        overlap: fraction in [0, 1) by which neighbouring windows overlap.
+        tta: ``"none"``, ``"flip"`` or ``"d4"``.
+    """
 
     def __init__(self, roi_size: int, sw_batch_size: int = 16, overlap: float = 0.5, tta: str = "none"):
         self.inferer = SlidingWindowInferer(roi_size, sw_batch_size, overlap=overlap, mode="gaussian")

@@ -101,7 +101,14 @@ def object_f1(tp: int, fp: int, fn: int) -> float:
 def pseudo_agreement(num_classes: int) -> MetricsLambda:
     """ignite metric: the mIoU of the predicted arg-max against the first pseudo-mask layer (``label[:, 0]``), counts
     summed over the epoch; 255 is not counted. The checkpoint criterion on held-back training images: agreement
-    with the pseudo-labels, no ground truth. Needs an evaluator with ``decollate=False``."""
+    with the pseudo-labels, no ground truth. Needs an evaluator with ``decollate=False``.
+
+    Args:
+        num_classes: the number of classes C.
+
+    Returns:
+        An ignite metric giving the mIoU in [0, 1].
+    """
     matrix = ConfusionMatrix(num_classes, output_transform=lambda o: (o["pred"], o["label"][:, 0].long()))
     return MetricsLambda(lambda cm: scores(cm.cpu().numpy())["miou"], matrix)
 
@@ -135,7 +142,14 @@ class SegmentationReport:
     (attach it before ``StatsHandler`` so they are printed).
 
     Reads ``pred`` (C, H, W) class scores and ``image`` (3, H, W in [0, 1]) from the output, ``mask`` (1, H, W)
-    and ``name`` from the batch. ``ignore_index``: a ground-truth value not to count besides those outside [0, C).
+    and ``name`` from the batch.
+
+    Args:
+        output_dir: the folder of ``metrics.json``, ``per_image.csv`` and ``overlays/``.
+        classes: class names in channel order.
+        object_class: the class whose objects get the GlaS object metrics (e.g. ``"gland"``); None: none.
+        ignore_index: a ground-truth value not to count besides those outside [0, C); None: only those.
+        overlays: write an overlay PNG per image.
     """
 
     def __init__(

@@ -85,6 +85,14 @@ class GatedSegmenter(nn.Module):
     As the evaluator's network under a sliding-window inferer, the gate acts per window, i.e. per patch as in MLPS.
     With ``gate=False`` the classifier is never called (MLPS's code gated even with ``--Is_GM False``). The classifier
     takes its own input normalisation (``mean``/``std``, ``train_cam.json``'s ``normalization``) of the [0, 1] input.
+
+    Args:
+        segmenter: the segmentation network, logits (B, C, H, W) from RGB in [0, 1].
+        classifier: the stage-1 classifier, logits (B, C); required with ``gate``.
+        gate: apply the classification gate.
+        threshold: probability in [0, 1] at or above which the classifier keeps a class.
+        mean: per-channel mean of the classifier's input normalisation.
+        std: per-channel standard deviation of the same.
     """
 
     def __init__(
