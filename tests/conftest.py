@@ -12,6 +12,14 @@ os.environ.setdefault("CUFILE_LOGFILE_PATH", os.devnull)
 os.environ.setdefault("CUFILE_LOGGING_LEVEL", "ERROR")
 
 
+def bundle_run(run_id: str | None, config_file, **overrides) -> list[str]:
+    """The arguments of ``python -m monai.bundle run [RUN_ID]`` on this bundle, as users type them: ``config_file`` a
+    path or a list of paths, each override ``--key value``."""
+    config = str(config_file if isinstance(config_file, (str, Path)) else [str(c) for c in config_file])
+    args = ["-m", "monai.bundle", "run", *([run_id] if run_id else []), "--bundle_root", str(BUNDLE)]
+    return [*args, "--config_file", config, *[a for k, v in overrides.items() for a in (f"--{k}", str(v))]]
+
+
 def configs(*names: str) -> list[str]:
     """A stage's config files as the bundle runs them: the shared base ``common.json``, then the overlays."""
     return [str(BUNDLE / "configs" / name) for name in ("common.json", *names)]

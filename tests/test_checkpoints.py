@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE
+from conftest import BUNDLE, bundle_run
 from monai.networks.nets import FlexibleUNet
 from monai.transforms import ScaleIntensityRanged
 from PIL import Image
@@ -86,32 +86,16 @@ def test_user_errors_are_found_in_the_exception_chain():
     assert user_error(ZeroDivisionError()) is None  # a bug keeps its traceback
 
 
-def run_inference(tmp_path, *extra):
+def run_inference(tmp_path, **overrides):
     tile = tmp_path / "tile.png"
     Image.fromarray(np.full((64, 64, 3), 180, np.uint8)).save(tile)
-    args = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "inference",
-        "--bundle_root",
-        str(BUNDLE),
-        "--config_file",
-        str(BUNDLE / "configs" / "inference.json"),
-        "--input",
-        str(tile),
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--progress_bar",
-        "False",
-        *extra,
-    ]
-    return subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
+    config = BUNDLE / "configs" / "inference.json"
+    args = bundle_run("inference", config, input=tile, output_dir=tmp_path / "out", progress_bar=False, **overrides)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=tmp_path)
 
 
 def test_inference_refuses_reordered_classes_in_one_line_and_writes_nothing(checkpoint, tmp_path):
-    result = run_inference(tmp_path, "--ckpt_path", str(checkpoint), "--classes", "['gland','stroma','lymphocytes']")
+    result = run_inference(tmp_path, ckpt_path=checkpoint, classes="['gland','stroma','lymphocytes']")
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith(f"error: {checkpoint}: the model was trained on classes ['stroma', 'gland'")
@@ -120,7 +104,7 @@ def test_inference_refuses_reordered_classes_in_one_line_and_writes_nothing(chec
 
 
 def test_inference_takes_the_checkpoints_classes_by_default(checkpoint, tmp_path):
-    result = run_inference(tmp_path, "--ckpt_path", str(checkpoint))
+    result = run_inference(tmp_path, ckpt_path=checkpoint)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(next((tmp_path / "out").glob("*_summary.json")).read_text())
     assert summary["classes"] == CLASSES and list(summary["class_pixels"]) == CLASSES

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BUNDLE
+from conftest import BUNDLE, bundle_run
 
 TINY = {
     "cam_epochs": 1,
@@ -23,36 +23,26 @@ TINY = {
 }
 
 
-def run_training(root, datalist, *extra):
-    args = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--bundle_root",
-        str(BUNDLE),
-        "--config_file",
-        str(BUNDLE / "configs" / "pipeline.json"),
-        "--meta_file",
-        str(BUNDLE / "configs" / "metadata.json"),
-        "--datalist",
-        datalist,
-        "--ckpt_dir",
-        str(root / "models"),
-        "--pseudo_dir",
-        str(root / "pseudo"),
-        "--eval_dir",
-        str(root / "eval"),
-        "--log_dir",
-        str(root / "logs"),
-        "--stages_dir",
-        str(root / "stages"),
-        *[a for k, v in TINY.items() for a in (f"--{k}", str(v))],
-        *extra,
-    ]
-    result = subprocess.run(args, capture_output=True, text=True, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
+def run_training(root, datalist, *extra, returncode=0):
+    folders = {
+        k: root / v
+        for k, v in (
+            ("ckpt_dir", "models"),
+            ("pseudo_dir", "pseudo"),
+            ("eval_dir", "eval"),
+            ("log_dir", "logs"),
+            ("stages_dir", "stages"),
+        )
+    }
+    meta = BUNDLE / "configs" / "metadata.json"
+    args = bundle_run(
+        "training", BUNDLE / "configs" / "pipeline.json", meta_file=meta, datalist=datalist, **folders, **TINY
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, *args, *extra], capture_output=True, text=True, cwd=root, env=env, timeout=900
+    )
+    assert result.returncode == returncode, result.stderr[-4000:]
     return result.stdout + result.stderr
 
 
@@ -140,3 +130,18 @@ def test_self_training_adds_rounds(tmp_path, tiny_demo):
     relabelled = json.loads((tmp_path / "pseudo" / "round3" / "datalist_pseudo.json").read_text())
     assert all(len(e["pseudo_layers"]) == 1 for e in relabelled["training"])  # one layer: the segmentation maps
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["images"] == 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--sam_classes", "['glnd']"), "error: sam_classes ['glnd'] are not among the datalist's classes"),
+        (("--cam_epochs", "abc"), "error: setting max_epochs (stage classify): expected a whole number"),
+        (("--force", "['clasify']"), "error: force/skip: unknown stage(s) ['clasify']"),
+    ],
+)
+def test_a_user_error_ends_the_run_with_one_line_before_any_stage(tmp_path, tiny_demo, extra, message):
+    log = run_training(tmp_path, tiny_demo, *extra, returncode=1)
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), log[-3000:]
+    assert "Traceback" not in log and "stage classify:" not in log  # nothing ran

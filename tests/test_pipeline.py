@@ -7,7 +7,7 @@ from conftest import BUNDLE, configs
 from monai.bundle import ConfigParser
 
 from scripts.errors import DataError
-from scripts.pipeline import report, run_stages, stage_graph
+from scripts.pipeline import check_setting_types, report, run_stages, stage_graph
 from scripts.seg.data import eval_split
 
 
@@ -143,7 +143,7 @@ def test_bad_settings_and_unwritable_folders_fail_before_the_first_stage(stages,
     made[1]["overrides"]["sam_classes"] = ["gland"]
     (tmp_path / "a_file").touch()
     made[2]["outputs"] = [str(tmp_path / "a_file" / "c.txt")]
-    with pytest.raises(DataError, match="a_file: output folder not writable"):
+    with pytest.raises(DataError, match="a_file: the output folder cannot be written"):
         run_stages(str(root / "stages"), made)
     assert runs(root) == ""  # nothing ran
 
@@ -334,43 +334,39 @@ def test_pipeline_settings_reach_their_stages():
     }
     stages = pipeline_stages(**settings)
     got = {name: resolved(stages[name], keys) for name, keys in TUNED.items() if name != "pseudo_label"}
-    assert {
-        k: got["classify"][k] for k in ("max_epochs", "cam_input_size", "adl", "pda", "pda_warmup_epochs", "seed")
-    } == {"max_epochs": 3, "cam_input_size": 96, "adl": True, "pda": False, "pda_warmup_epochs": 1, "seed": 7}
-    assert got["classify"]["batch_size"] == 16  # the pipeline's batch_size is the segmentation network's
     pseudo = stages["pseudo_label"]["overrides"]
-    assert {
-        k: pseudo[k]
-        for k in (
-            "cam_input_size",
-            "cam_tta",
-            "sam_backend",
-            "sam_classes",
-            "ids_threshold",
-            "refine_iterations",
-            "refine_epochs",
-        )
-    } == {
-        "cam_input_size": 96,
-        "cam_tta": "d4",
-        "sam_backend": "tiny",
-        "sam_classes": ["gland"],
-        "ids_threshold": 0.9,
-        "refine_iterations": 2,
-        "refine_epochs": 1,
+    expected = {
+        "classify": {
+            "max_epochs": 3,
+            "cam_input_size": 96,
+            "adl": True,
+            "pda": False,
+            "pda_warmup_epochs": 1,
+            "seed": 7,
+        },
+        "pseudo_label": {
+            "cam_input_size": 96,
+            "cam_tta": "d4",
+            "sam_backend": "tiny",
+            "sam_classes": ["gland"],
+            "ids_threshold": 0.9,
+            "refine_iterations": 2,
+            "refine_epochs": 1,
+        },
+        "segment": {
+            "max_epochs": 5,
+            "layer_weights": [1.0],
+            "easy_mining": True,
+            "batch_size": 3,
+            "learning_rate": 0.01,
+            "zoom": 0.5,
+        },
+        "evaluate": {"seg_tta": "flip", "zoom": 0.5},
     }
-    assert {
-        k: got["segment"][k]
-        for k in ("max_epochs", "layer_weights", "easy_mining", "batch_size", "learning_rate", "zoom")
-    } == {
-        "max_epochs": 5,
-        "layer_weights": [1.0],
-        "easy_mining": True,
-        "batch_size": 3,
-        "learning_rate": 0.01,
-        "zoom": 0.5,
-    }
-    assert got["evaluate"]["seg_tta"] == "flip" and got["evaluate"]["zoom"] == 0.5
+    for name, values in expected.items():
+        given = pseudo if name == "pseudo_label" else got[name]
+        assert {k: given[k] for k in values} == values, name
+    assert got["classify"]["batch_size"] == 16  # the pipeline's batch_size is the segmentation network's
 
 
 @pytest.mark.parametrize("cores, workers, threads", [(1, 0, 1), (2, 0, 2), (4, 1, 3), (16, 4, 12), (64, 4, 60)])
@@ -388,3 +384,31 @@ def test_cores_are_split_between_loader_workers_and_torch_threads(monkeypatch, c
         assert parser.get_parsed_content("num_workers") == workers, files
         if "inference.json" not in files[-1]:
             assert parser.get_parsed_content("num_threads") == threads, files
+
+
+@pytest.mark.parametrize(
+    "setting, value, stage, match",
+    [
+        (
+            "cam_epochs",
+            "abc",
+            "classify",
+            "setting max_epochs \\(stage classify\\): expected a whole number like its default 8",
+        ),
+        ("cam_epochs", True, "classify", "expected a whole number"),
+        ("layer_weights", 0.5, "segment", "setting layer_weights \\(stage segment\\): expected a list"),
+        ("easy_mining", "yes", "segment", "expected true/false"),
+        ("learning_rate", "fast", "segment", "expected a number"),
+        ("seg_tta", 4, "evaluate", "setting seg_tta \\(stage evaluate\\): expected a string"),
+    ],
+)
+def test_a_setting_of_the_wrong_kind_is_refused_before_any_stage(setting, value, stage, match):
+    stages = pipeline_stages(**{setting: value})
+    with pytest.raises(DataError, match=match):
+        check_setting_types(stages[stage])
+
+
+def test_settings_of_the_right_kind_pass():
+    stages = pipeline_stages(cam_epochs=3, learning_rate=1, layer_weights=(1.0,), easy_mining=True, seg_tta="flip")
+    for stage in stages.values():
+        check_setting_types(stage)

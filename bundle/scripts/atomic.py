@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import uuid
 from pathlib import Path
+
+from .errors import DataError
 
 
 @contextlib.contextmanager
@@ -24,3 +27,16 @@ def atomic_output(path: str | os.PathLike):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+def writable_folder(folder: str | os.PathLike) -> Path:
+    """``folder``, created; a DataError naming it when it cannot be written. Checked before work starts, so that an
+    unwritable output folder fails in a second, not after an epoch or a slide."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise DataError(f"{folder}: the output folder cannot be written ({e.strerror or e})") from None
+    return folder

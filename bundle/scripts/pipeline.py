@@ -18,14 +18,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 
-from .atomic import atomic_output
+from .atomic import atomic_output, writable_folder
 from .data.datalist import check_mask_values, validate_datalist
 from .errors import DataError
 from .sam.outputs import Outputs
@@ -266,30 +265,49 @@ def run_stage(
     return True, outputs
 
 
-def _writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise DataError(f"{folder}: output folder not writable ({e.strerror or e})") from None
+def _kind(value) -> str | None:
+    """The type a setting must keep: what a config's literal default says (None for an expression or null)."""
+    if value is None or isinstance(value, str) and value[:1] in "$@%":
+        return None
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number" if isinstance(value, float) else "a whole number"
+    return {str: "a string", list: "a list", dict: "a dict"}.get(type(value))
+
+
+def check_setting_types(stage: dict) -> None:
+    """A setting whose value is of another kind than the stage config's own default (``--cam_epochs abc``,
+    ``--layer_weights 0.5``) is refused here, naming it, instead of failing inside a trainer with a traceback."""
+    parser = ConfigParser()
+    parser.read_config(stage["config_file"])
+    for key, value in stage["overrides"].items():
+        want = _kind(parser[key]) if key in parser else None
+        ok = {"a number": (int, float), "a list": (list, tuple)}.get(want, type(parser[key]) if want else object)
+        if want and (not isinstance(value, ok) or isinstance(value, bool) != (want == "true/false")):
+            raise DataError(
+                f"setting {key} (stage {stage['name']}): expected {want} like its default "
+                f"{parser[key]!r}, got {value!r}"
+            )
 
 
 def preflight(records_dir: str, stages: Sequence[dict]) -> None:
     """What would otherwise fail after hours of training, checked before the first stage: the datalist is valid
     (training and validation entries, see :func:`validate_datalist`), the masks the evaluation reads hold only class
-    values, ``sam_classes`` are among the classes, and every output folder is writable."""
+    values, every setting keeps its default's kind (:func:`check_setting_types`), ``sam_classes`` are among the
+    classes, and every output folder is writable."""
     datalists = {s["overrides"]["datalist"] for s in stages if "datalist" in s["overrides"]}
     for datalist in sorted(datalists):
         validate_datalist(datalist, require=("training", "validation"))
         check_mask_values(datalist, eval_split(datalist))
     for stage in stages:
+        check_setting_types(stage)
         settings = stage["overrides"]
         if "datalist" in settings:
             object_classes(validate_datalist(settings["datalist"], require=())["classes"], settings.get("sam_classes"))
     folders = {Path(records_dir)} | {Path(o).parent for s in stages for o in s["outputs"]}
     for folder in sorted(folders):
-        _writable(folder)
+        writable_folder(folder)
 
 
 def run_stages(

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import BUNDLE, ROOT, configs
+from conftest import BUNDLE, ROOT, bundle_run, configs
 from seg_fixtures import demo_with_pseudo_masks
 
 TRAIN = configs("train.json")
@@ -32,16 +32,7 @@ def test_two_cpu_ranks_train_one_epoch(tmp_path, tiny_demo):
         "--standalone",
         "--nproc_per_node",
         "2",
-        "-m",
-        "monai.bundle",
-        "run",
-        "--bundle_root",
-        str(BUNDLE),
-        "--config_file",
-        str([*TRAIN, str(MULTI)]),
-        "--meta_file",
-        str(BUNDLE / "configs" / "metadata.json"),
-        *[a for k, v in overrides.items() for a in (f"--{k}", str(v))],
+        *bundle_run(None, [*TRAIN, MULTI], meta_file=BUNDLE / "configs" / "metadata.json", **overrides),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)

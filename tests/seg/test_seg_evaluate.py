@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import BUNDLE, ROOT, configs
+from conftest import BUNDLE, ROOT, bundle_run, configs
 from monai.bundle import ConfigWorkflow
 from monai.networks.nets import FlexibleUNet
 from PIL import Image
@@ -58,14 +58,7 @@ def test_command_line_writes_metrics_csv_and_overlays(setup, tmp_path):
     result = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "monai.bundle",
-            "run",
-            "--bundle_root",
-            str(BUNDLE),
-            "--config_file",
-            str(CONFIG),
-            *[a for k, v in args.items() for a in (f"--{k}", str(v))],
+            *bundle_run(None, CONFIG, **args),
         ],
         capture_output=True,
         text=True,

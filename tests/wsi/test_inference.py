@@ -12,7 +12,7 @@ import openslide
 import pytest
 import tifffile
 import torch
-from conftest import BUNDLE, ROOT, shared
+from conftest import BUNDLE, ROOT, bundle_run, shared
 from PIL import Image
 from torch import nn
 from wsi_fixtures import CLASSES, GLASS, PINK, PURPLE, ColourNet, inference, inference_config, square_rgb, square_slide
@@ -237,30 +237,18 @@ def test_inference_config_through_monai_bundle(tmp_path):
     result = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "monai.bundle",
-            "run",
-            "inference",
-            "--bundle_root",
-            str(BUNDLE),
-            "--config_file",
-            str(BUNDLE / "configs" / "inference.json"),
-            "--input_dir",
-            str(folder),
-            "--output_dir",
-            str(tmp_path / "out"),
-            "--ckpt_path",
-            "$None",
-            "--roi_size",
-            "[64, 64]",
-            "--tile_size",
-            "128",
-            "--num_workers",
-            "1",
-            "--progress_bar",
-            "False",
-            "--tta",
-            "flip",
+            *bundle_run(
+                "inference",
+                BUNDLE / "configs" / "inference.json",
+                input_dir=folder,
+                output_dir=tmp_path / "out",
+                ckpt_path="$None",
+                roi_size="[64, 64]",
+                tile_size=128,
+                num_workers=1,
+                progress_bar=False,
+                tta="flip",
+            ),
         ],
         capture_output=True,
         text=True,

@@ -31,7 +31,6 @@ import contextlib
 import glob
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic import writable_folder
 from ..checkpoints import load_network
 from ..constants import NO_TISSUE
 from ..errors import DataError
@@ -230,7 +230,7 @@ class SlideInference:
                 input, its path and why. The error's ``failed`` attribute maps those paths to the reasons, its
                 ``summaries`` holds the summaries of the others.
         """
-        output_dir = _writable(output_dir)
+        output_dir = writable_folder(output_dir)
         inputs = [os.fspath(p) for p in inputs]
         stems = [Path(p).stem for p in inputs]
         twice = sorted({s for s in stems if stems.count(s) > 1})
@@ -341,15 +341,3 @@ class SlideInference:
             write_json(tmp["summary"], summary)
         log.info("%s: %s", path, summary["message"])
         return summary
-
-
-def _writable(output_dir) -> Path:
-    """The output folder, created; DataError when it cannot be written (checked before any slide is read)."""
-    output_dir = Path(output_dir)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output_dir):
-            pass
-    except OSError as e:
-        raise DataError(f"{output_dir}: the output folder cannot be written ({e.strerror or e})") from e
-    return output_dir
