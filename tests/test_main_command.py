@@ -145,3 +145,10 @@ def test_a_user_error_ends_the_run_with_one_line_before_any_stage(tmp_path, tiny
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(message), log[-3000:]
     assert "Traceback" not in log and "stage classify:" not in log  # nothing ran
+
+
+def test_the_v05_command_says_the_new_one(tmp_path):
+    args = bundle_run("training", BUNDLE / "configs" / "train.json", meta_file=BUNDLE / "configs" / "metadata.json")
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    new = "is now run training --config_file configs/pipeline.json"
+    assert result.returncode == 1 and new in result.stderr.strip().splitlines()[-1]

@@ -49,6 +49,16 @@ def _hook(kind, value, tb) -> None:
     print(f"error: {first} (traceback: {log})", file=sys.stderr)
 
 
+def moved(old: str, new: str) -> None:
+    """A command line that changed: refuse the old one with the new one, instead of MONAI's "unknown run id".
+
+    Args:
+        old: the command as it was.
+        new: the command now.
+    """
+    raise DataError(f"{old} is now {new}")
+
+
 def install() -> None:
     """Print user errors as one line (see the module docstring); idempotent."""
     sys.excepthook = _hook
