@@ -38,8 +38,42 @@ def tiny_demo(tmp_path_factory) -> str:
 
 
 def shared(*parts: str) -> Path:
-    """A path under ../shared/data, or skip the test: users and fresh machines do not have it."""
+    """A path under ../shared/data, or skip the test: users and fresh machines do not have it. Where ../shared/data
+    exists a missing path fails the test instead: the real-data tests must run wherever the real data is."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
+        if SHARED_DATA.is_dir():
+            pytest.fail(f"{path} not present although {SHARED_DATA} is: the real-data test cannot run", pytrace=False)
         pytest.skip(f"{path} not present (real data lives only in ../shared/data)")
     return path
+
+
+def check_evaluation_report(metrics: dict, datalist: str | Path, split: str = "validation") -> None:
+    """A ``metrics.json`` of :class:`scripts.seg.metrics.SegmentationReport` against the masks it was computed on: each
+    labelled pixel of the split's distinct masks counted once, in its ground-truth row of the confusion matrix, and
+    the mIoU the one of those counts (the mean IoU over the classes present in ground truth or prediction)."""
+    import numpy as np
+    from monai.data import load_decathlon_datalist
+
+    from scripts.images import read_mask
+
+    confusion = np.array(metrics["confusion_matrix"])
+    n = len(metrics["classes"])
+    masks = {e["mask"] for e in load_decathlon_datalist(str(datalist), False, split)}
+    truth = sum(np.bincount(read_mask(m).ravel(), minlength=256)[:n] for m in masks)
+    assert confusion.sum(1).tolist() == truth.tolist(), (confusion, truth)
+    union = confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
+    assert metrics["miou"] == pytest.approx(np.mean(np.diag(confusion)[union > 0] / union[union > 0]))
+
+
+def break_loss(loss, how: str):
+    """A trainer's loss function broken on purpose, for the learning tests' must-fail checks. ``"loss detached"``: the
+    same value, but no gradient reaches the network; ``"labels shuffled"``: each prediction is scored against another
+    sample's target, in a new random order every step (``loss(pred, target)``, samples along the first axis)."""
+    import torch
+
+    if how == "loss detached":
+        return lambda pred, target: loss(pred.detach(), target) + 0 * pred.sum()
+    if how == "labels shuffled":
+        return lambda pred, target: loss(pred, target[torch.randperm(len(target))])
+    raise ValueError(how)

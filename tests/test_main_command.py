@@ -60,7 +60,11 @@ def test_every_stage_runs_and_reports(first_run):
     pseudo = json.loads((root / "pseudo" / "datalist_pseudo.json").read_text())
     assert pseudo["classes"] == ["stroma", "gland", "lymphocytes"] and all("pseudo" in e for e in pseudo["training"])
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
-    assert metrics["images"] == 2 and 0 <= metrics["miou"] <= 1  # the demo's validation split (no test masks)
+    assert metrics["images"] == 2  # the demo's validation split (no test masks)
+    from conftest import check_evaluation_report  # (imported here: the module's first lines are not this change's)
+
+    check_evaluation_report(metrics, root / "pseudo" / "datalist_pseudo.json")  # its validation split, paths re-based
+    assert f"mIoU {metrics['miou']:.3f}" in log
     assert "evaluation on 2 images: mIoU" in log and str(root / "eval" / "overlays") in log
     assert not (root / "cufile.log").exists()
     assert (root / "stages" / "segment.json").is_file()  # records live with the run, not in the bundle

@@ -23,6 +23,7 @@ def test_metadata_verifies_offline_against_the_schema():
         capture_output=True,
         text=True,
         cwd=ROOT,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "metadata is verified with no error" in result.stdout + result.stderr

@@ -62,24 +62,26 @@ def test_adl_acts_in_training_only_and_keeps_checkpoints_compatible():
 
 
 def test_pda_drops_the_peak_of_each_class_map_in_training():
-    torch.manual_seed(0)
-    net = CAMNet(2, pretrained=False, pda=True).train()
-    x = torch.randn(2, 3, 64, 64)
-    net.pda_gamma.fill_(1.0)
-    torch.manual_seed(1)
-    full = net(x)
-    torch.manual_seed(1)
-    maps = net.class_maps(x)
-    torch.testing.assert_close(full, maps.mean((2, 3)))  # gamma 1.0: nothing dropped
-    net.pda_gamma.fill_(0.5)
-    torch.manual_seed(1)
-    expected = (maps * ((maps <= 0.5 * maps.amax((2, 3), keepdim=True)) | (maps.amax((2, 3), keepdim=True) <= 0))).mean(
-        (2, 3)
+    net = CAMNet(3, pretrained=False, pda=True).train()
+    # 2 x 2 class maps with peaks 4 and 2 (each class's own peak counts), and one negative everywhere
+    maps = torch.tensor(
+        [[[[4.0, 1.0], [2.0, -1.0]], [[2.0, 1.0], [0.5, -1.0]], [[-1.0, -2.0], [-3.0, -4.0]]]], requires_grad=True
     )
-    torch.manual_seed(1)
-    torch.testing.assert_close(net(x), expected)
+    net.class_maps = lambda x: maps
+    x = torch.zeros(1, 3, 32, 32)
+    # the logit is the mean over all 4 cells, those above gamma x the class's peak zeroed
+    for gamma, expected in (
+        (1.0, [6 / 4, 2.5 / 4, -10 / 4]),  # nothing dropped
+        (0.5, [2 / 4, 0.5 / 4, -10 / 4]),  # drops the 4 (keeps the 2: <= 0.5 x 4) and class 1's 2
+        (0.25, [0 / 4, -0.5 / 4, -10 / 4]),  # drops the 4 and 2 (keeps 1 = 0.25 x 4), class 1's 2 and 1
+    ):
+        net.pda_gamma.fill_(gamma)
+        torch.testing.assert_close(net(x), torch.tensor([expected]))
+    net.pda_gamma.fill_(0.5)
+    net(x)[0, 0].backward()
+    assert maps.grad[0, 0].tolist() == [[0.0, 0.25], [0.25, 0.25]]  # a dropped cell gets no gradient
     net.eval()
-    torch.testing.assert_close(net(x), net.class_maps(x).mean((2, 3)))  # never at inference
+    torch.testing.assert_close(net(x), torch.tensor([[6 / 4, 2.5 / 4, -10 / 4]]))  # never at inference
 
 
 def test_pda_schedule_warmup_decay_floor():

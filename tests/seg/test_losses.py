@@ -43,14 +43,34 @@ def test_single_mask_is_plain_cross_entropy():
     torch.testing.assert_close(PseudoSupervisionLoss((1.0,))(pred, target), expected)
 
 
-def test_dice_term_is_added_and_honours_ignore():
+def softmax(logits):
+    return [math.exp(v) / sum(math.exp(u) for u in logits) for v in logits]
+
+
+def test_dice_term_by_hand():
+    """CE + 0.5 x (1 - mean over classes of 2 sum(p g) / (sum p + sum g)), the ignored third pixel counted nowhere;
+    MONAI's 1e-5 smoothing aside."""
+    target = torch.tensor([[[[0, 1, 255]]]])
+    p = [softmax(PIXELS[0]), softmax(PIXELS[1])]  # the two labelled pixels: class 0, then class 1
+    dice = [2 * p[0][0] / (p[0][0] + p[1][0] + 1), 2 * p[1][1] / (p[0][1] + p[1][1] + 1)]
+    ce = (nll(PIXELS[0], 0) + nll(PIXELS[1], 1)) / 2
+    loss = PseudoSupervisionLoss((1.0,), lambda_dice=0.5)(PRED, target)
+    assert loss.item() == pytest.approx(ce + 0.5 * (1 - sum(dice) / 2), abs=1e-5)  # 0.2201 + 0.5 x 0.1952
+    # MONAI's batch=True: the sums run over the batch, so the class an image lacks does not score it 0
+    targets = torch.tensor([[[[0, 0, 255]]], [[[1, 1, 255]]]])  # image 1 all class 0, image 2 all class 1
+    loss = PseudoSupervisionLoss((1.0,), lambda_dice=1.0)(PRED.expand(2, -1, -1, -1), targets)
+    s0, s1 = p[0][0] + p[1][0], p[0][1] + p[1][1]  # each class's probability over the two labelled pixels
+    dice = [2 * s0 / (2 * s0 + 2), 2 * s1 / (2 * s1 + 2)]
+    ce = (nll(PIXELS[0], 0) + nll(PIXELS[1], 0) + nll(PIXELS[0], 1) + nll(PIXELS[1], 1)) / 4
+    assert loss.item() == pytest.approx(ce + 1 - sum(dice) / 2, abs=1e-5)
+
+
+def test_dice_term_honours_ignore():
     torch.manual_seed(0)
     pred, target = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 1, 8, 8))
     ignored = target.clone()
     ignored[:, :, :4] = 255
-    ce = PseudoSupervisionLoss((1.0,))
     dice_ce = PseudoSupervisionLoss((1.0,), lambda_dice=0.5)
-    assert dice_ce(pred, target) > ce(pred, target)
     # with ignore, the Dice term depends only on the labelled half: changing logits in the ignored half changes nothing
     other = pred.clone()
     other[..., :4, :] = torch.randn(2, 3, 4, 8)

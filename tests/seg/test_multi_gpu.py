@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import BUNDLE, ROOT, bundle_run, configs
 from seg_fixtures import demo_with_pseudo_masks
@@ -13,6 +14,7 @@ TRAIN = configs("train.json")
 MULTI = BUNDLE / "configs" / "multi_gpu_train.json"
 
 
+@pytest.mark.slow
 def test_two_cpu_ranks_train_one_epoch(tmp_path, tiny_demo):
     datalist = demo_with_pseudo_masks(tiny_demo)
     overrides = {

@@ -7,9 +7,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE, ROOT, bundle_run, configs
+from conftest import BUNDLE, ROOT, bundle_run, check_evaluation_report, configs
 from monai.bundle import ConfigWorkflow
 from monai.networks.nets import FlexibleUNet
 from PIL import Image
@@ -64,6 +65,7 @@ def test_command_line_writes_metrics_csv_and_overlays(setup, tmp_path):
         text=True,
         cwd=ROOT,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -81,8 +83,8 @@ def test_command_line_writes_metrics_csv_and_overlays(setup, tmp_path):
         "object_dice",
     ):
         assert key in metrics, key
-    # whole images, not the 32-px patches of the datalist: every mask pixel counted exactly once
-    assert sum(map(sum, metrics["confusion_matrix"])) == validation_pixels(datalist)
+    # whole images, not the 32-px patches of the datalist: every mask pixel counted exactly once, in its class's row
+    check_evaluation_report(metrics, datalist)
     rows = list(csv.DictReader((tmp_path / "per_image.csv").open()))
     assert sorted(r["name"] for r in rows) == ["validation_000", "validation_001"]
     assert {"miou", "iou_stroma", "object_f1", "object_dice"} <= set(rows[0])
@@ -115,9 +117,43 @@ def evaluate(setup, out, check=None, **override):
     return json.loads((out / "metrics.json").read_text())
 
 
-def test_zoom_predicts_at_another_scale_and_reports_at_the_mask_size(setup, tmp_path):
-    metrics = evaluate(setup, tmp_path, zoom=0.5)
-    assert sum(map(sum, metrics["confusion_matrix"])) == validation_pixels(setup[0])
+class Colours(torch.nn.Module):
+    """A segmenter without weights whose logits are the input's R, G, B: each pixel's class is its dominant colour."""
+
+    def forward(self, x):
+        return x
+
+
+@pytest.fixture(scope="module")
+def pattern(tmp_path_factory):
+    """A 64-px image whose left half alternates colours at the finest scale (in every 2 x 2 block three red pixels,
+    class 0, and one green, class 1) and whose right half is blue (class 2), its mask, and a checkpoint of
+    :class:`Colours` (no weights)."""
+    root = tmp_path_factory.mktemp("pattern")
+    mask = np.full((64, 64), 2, np.uint8)
+    mask[:, :32] = 0
+    mask[1::2, 1:32:2] = 1
+    Image.fromarray(np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)[mask]).save(root / "image.png")
+    Image.fromarray(mask).save(root / "mask.png")
+    classes = ["stroma", "gland", "lymphocytes"]
+    entry = {"image": "image.png", "mask": "mask.png", "label": [1, 1, 1]}
+    (root / "datalist.json").write_text(json.dumps({"classes": classes, "training": [], "validation": [entry]}))
+    torch.save({"model": {}, "contract": {"classes": classes}}, root / "model.pt")
+    return str(root / "datalist.json"), root
+
+
+@pytest.mark.parametrize(
+    "zoom, confusion",
+    [
+        (1.0, [[1536, 0, 0], [0, 512, 0], [0, 0, 2048]]),  # the full scale: every pixel its own colour
+        # half scale: a 2 x 2 block averages to (3/4 red, 1/4 green), class 0; blown back up to the mask size the
+        # left half is all class 0 and the border between the halves stays between columns 31 and 32
+        (0.5, [[1536, 0, 0], [512, 0, 0], [0, 0, 2048]]),
+    ],
+)
+def test_zoom_predicts_at_another_scale_and_reports_at_the_mask_size(pattern, tmp_path, zoom, confusion):
+    metrics = evaluate(pattern, tmp_path, zoom=zoom, network=Colours())
+    assert metrics["confusion_matrix"] == confusion
 
 
 def test_gate_removes_the_classes_the_classifier_rejects(setup, tmp_path):

@@ -21,7 +21,12 @@ torch.set_num_threads(1)
 
 def cli(*args, cwd=ROOT):
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", *args], capture_output=True, text=True, cwd=cwd, env=ONE_THREAD
+        [sys.executable, "-m", "monai.bundle", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=ONE_THREAD,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -124,6 +129,7 @@ def test_fixed_schedule_without_holdout(trained, tmp_path):
     wf.finalize()
 
 
+@pytest.mark.slow
 def test_verify_net_in_out_and_torchscript_export(trained, tmp_path):
     # like every MONAI bundle command other than `run`, these import `scripts` from the bundle folder
     datalist, root, _ = trained

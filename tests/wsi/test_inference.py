@@ -133,6 +133,7 @@ def _shard_rank(rank, world, init, result):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_get_disjoint_slides_covering_the_list(tmp_path):
     result = tmp_path / "shards.json"
     torch.multiprocessing.spawn(_shard_rank, args=(2, f"file://{tmp_path / 'init'}", str(result)), nprocs=2)
@@ -226,6 +227,7 @@ def test_real_slides(tmp_path):
             assert polygon.exterior.min() >= 0 and (polygon.exterior <= [w, h]).all()
 
 
+@pytest.mark.slow
 def test_inference_config_through_monai_bundle(tmp_path):
     """The run id `inference` on a folder (a slide, a tile and a broken tile), as users call it (with flip TTA): the
     good ones done, the run failing after them and naming the broken one; and MONAI Label's keys on a tile."""
