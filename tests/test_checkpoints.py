@@ -91,7 +91,7 @@ def run_inference(tmp_path, **overrides):
     Image.fromarray(np.full((64, 64, 3), 180, np.uint8)).save(tile)
     config = BUNDLE / "configs" / "inference.json"
     args = bundle_run("inference", config, input=tile, output_dir=tmp_path / "out", progress_bar=False, **overrides)
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=tmp_path)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=tmp_path, timeout=300)
 
 
 def test_inference_refuses_reordered_classes_in_one_line_and_writes_nothing(checkpoint, tmp_path):

@@ -8,7 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BUNDLE, bundle_run
+from conftest import BUNDLE, bundle_run, check_evaluation_report
+
+pytestmark = pytest.mark.slow  # about 95 s: whole pipeline runs on the tiny demo
 
 TINY = {
     "cam_epochs": 1,
@@ -61,7 +63,6 @@ def test_every_stage_runs_and_reports(first_run):
     assert pseudo["classes"] == ["stroma", "gland", "lymphocytes"] and all("pseudo" in e for e in pseudo["training"])
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
     assert metrics["images"] == 2  # the demo's validation split (no test masks)
-    from conftest import check_evaluation_report  # (imported here: the module's first lines are not this change's)
 
     check_evaluation_report(metrics, root / "pseudo" / "datalist_pseudo.json")  # its validation split, paths re-based
     assert f"mIoU {metrics['miou']:.3f}" in log
