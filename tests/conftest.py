@@ -66,6 +66,37 @@ def check_evaluation_report(metrics: dict, datalist: str | Path, split: str = "v
     assert metrics["miou"] == pytest.approx(np.mean(np.diag(confusion)[union > 0] / union[union > 0]))
 
 
+def train_on_one_batch(config_file, entries_key: str, broken: str | None = None, **overrides):
+    """A learning test's run: the config's own trainer (run id ``run``) with ``overrides`` (one fixed batch, no
+    augmentation), optionally broken on purpose (``"learning rate 0"``, or a :func:`break_loss` way). Returns the loss
+    of every step, the trained network in eval mode with BatchNorm statistics recomputed on the batch (a few dozen fast
+    steps leave the running averages behind the weights), and the batch (``entries_key``'s entries, loaded as the
+    config validates)."""
+    import torch
+    from ignite.engine import Events
+    from monai.bundle import ConfigWorkflow
+    from monai.data import DataLoader, Dataset
+    from monai.handlers import from_engine
+
+    if broken == "learning rate 0":
+        overrides["learning_rate"] = 0.0
+    torch.manual_seed(0)  # the initial weights; the run's set_determinism seeds the rest
+    wf = ConfigWorkflow(config_file=config_file, workflow_type="train", bundle_root=str(BUNDLE), **overrides)
+    wf.initialize()
+    trainer, losses = wf.parser.get_parsed_content("train#trainer"), []
+    record = from_engine(["loss"], first=True)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(record(e.state.output)))
+    if broken in ("loss detached", "labels shuffled"):
+        trainer.loss_function = break_loss(trainer.loss_function, broken)
+    wf.run()
+    network, entries = wf.parser.get_parsed_content("network"), wf.parser.get_parsed_content(entries_key)
+    data = Dataset(entries, wf.parser.get_parsed_content("validate#preprocessing"))
+    batch = next(iter(DataLoader(data, batch_size=len(entries))))
+    torch.optim.swa_utils.update_bn([batch["image"]], network)
+    wf.finalize()
+    return losses, network.eval(), batch
+
+
 def break_loss(loss, how: str):
     """A trainer's loss function broken on purpose, for the learning tests' must-fail checks. ``"loss detached"``: the
     same value, but no gradient reaches the network; ``"labels shuffled"``: each prediction is scored against another

@@ -6,11 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import BUNDLE, break_loss, configs
-from ignite.engine import Events
-from monai.bundle import ConfigWorkflow
-from monai.data import DataLoader, Dataset, load_decathlon_datalist
-from monai.handlers import from_engine
+from conftest import configs, train_on_one_batch
 
 torch.set_num_threads(1)
 STEPS = 24
@@ -35,39 +31,18 @@ FIXED_BATCH = {
 def train(datalist, out, broken: str | None = None) -> tuple[list[float], float]:
     """Train ``STEPS`` steps; returns the loss of every step and the multi-label accuracy on the batch afterwards."""
     size = len(json.loads(open(datalist).read())["training"])
-    override = {**FIXED_BATCH, "batch_size": size}
-    if broken == "learning rate 0":
-        override["learning_rate"] = 0.0
-    torch.manual_seed(0)  # the initial weights; the run's set_determinism seeds the rest
-    wf = ConfigWorkflow(
-        config_file=configs("train_cam.json"),
-        workflow_type="train",
-        bundle_root=str(BUNDLE),
+    losses, network, batch = train_on_one_batch(
+        configs("train_cam.json"),
+        "train#dataset#data",
+        broken,
         datalist=datalist,
         ckpt_dir=str(out / "models"),
         log_dir=str(out / "logs"),
-        **override,
+        **FIXED_BATCH,
+        batch_size=size,
     )
-    wf.initialize()
-    trainer = wf.parser.get_parsed_content("train#trainer")
-    losses = []
-    trainer.add_event_handler(
-        Events.ITERATION_COMPLETED, lambda e: losses.append(from_engine(["loss"], first=True)(e.state.output))
-    )
-    if broken in ("loss detached", "labels shuffled"):
-        trainer.loss_function = break_loss(trainer.loss_function, broken)
-    wf.run()
-
-    network = wf.parser.get_parsed_content("network")
-    data = Dataset(
-        load_decathlon_datalist(datalist, False, "training"), wf.parser.get_parsed_content("validate#preprocessing")
-    )
-    batch = next(iter(DataLoader(data, batch_size=size)))
-    # BatchNorm's running averages lag a few dozen fast steps behind the weights: recompute them on the batch
-    torch.optim.swa_utils.update_bn([batch["image"]], network)
     with torch.no_grad():
-        predicted = torch.sigmoid(network.eval()(batch["image"])) >= 0.5
-    wf.finalize()
+        predicted = torch.sigmoid(network(batch["image"])) >= 0.5
     return losses, (predicted == batch["label"].bool()).float().mean().item()
 
 

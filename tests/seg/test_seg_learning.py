@@ -8,11 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE, break_loss, configs
-from ignite.engine import Events
-from monai.bundle import ConfigWorkflow
-from monai.data import DataLoader, Dataset
-from monai.handlers import from_engine
+from conftest import configs, train_on_one_batch
 from seg_fixtures import demo_with_pseudo_masks
 
 torch.set_num_threads(1)
@@ -34,38 +30,19 @@ FIXED_BATCH = {
 def train(datalist, out, broken: str | None = None) -> tuple[list[float], np.ndarray]:
     """Train ``STEPS`` steps; returns the loss of every step and the per-class IoU of the network's arg-max on the batch
     afterwards against the first pseudo-mask layer (here the ground truth)."""
-    override = {**FIXED_BATCH, "batch_size": len(json.loads(open(datalist).read())["training"])}
-    if broken == "learning rate 0":
-        override["learning_rate"] = 0.0
-    torch.manual_seed(0)  # the initial weights; the run's set_determinism seeds the rest
-    wf = ConfigWorkflow(
-        config_file=configs("train.json"),
-        workflow_type="train",
-        bundle_root=str(BUNDLE),
+    size = len(json.loads(open(datalist).read())["training"])
+    losses, network, batch = train_on_one_batch(
+        configs("train.json"),
+        "train#dataset#data",
+        broken,
         pseudo_datalist=datalist,
         ckpt_dir=str(out / "models"),
         log_dir=str(out / "logs"),
-        **override,
+        **FIXED_BATCH,
+        batch_size=size,
     )
-    wf.initialize()
-    trainer = wf.parser.get_parsed_content("train#trainer")
-    losses = []
-    trainer.add_event_handler(
-        Events.ITERATION_COMPLETED, lambda e: losses.append(from_engine(["loss"], first=True)(e.state.output))
-    )
-    if broken in ("loss detached", "labels shuffled"):
-        trainer.loss_function = break_loss(trainer.loss_function, broken)
-    wf.run()
-
-    network = wf.parser.get_parsed_content("network")
-    entries = wf.parser.get_parsed_content("train#dataset#data")
-    data = Dataset(entries, wf.parser.get_parsed_content("validate#preprocessing"))
-    batch = next(iter(DataLoader(data, batch_size=len(entries))))
-    # BatchNorm's running averages lag a few dozen fast steps behind the weights: recompute them on the batch
-    torch.optim.swa_utils.update_bn([batch["image"]], network)
     with torch.no_grad():
-        predicted = network.eval()(batch["image"]).argmax(1)
-    wf.finalize()
+        predicted = network(batch["image"]).argmax(1)
     predicted, target = predicted.numpy(), batch["label"][:, 0].numpy()
     counted = target != 255
     iou = [
