@@ -125,6 +125,14 @@ def test_a_deleted_or_replaced_output_reruns_its_stage(stages):
     assert run_stages(str(root / "stages"), made) == ["a"]  # it writes the same bytes again: b and c stay current
 
 
+def test_a_work_file_changed_by_hand_reruns_the_stages_after_it(stages):
+    """A pseudo-mask corrected by hand (a work file the stage's output points to) is read by the next stages."""
+    root, made = stages
+    run_stages(str(root / "stages"), made)
+    (root / "b.work").write_text("corrected")
+    assert run_stages(str(root / "stages"), made, skip=["a", "b"]) == ["c"]
+
+
 def test_bad_settings_and_unwritable_folders_fail_before_the_first_stage(stages, tmp_path):
     root, made = stages
     datalist = root / "datalist.json"

@@ -201,6 +201,16 @@ def _output_hashes(outputs: Sequence[str]) -> dict[str, str]:
     return {o: _file_hash(o) for o in outputs}
 
 
+def _produced(stage: dict) -> dict[str, str]:
+    """Hashes of everything a stage leaves for the next ones: its outputs and its work files (the pseudo-mask PNGs
+    that ``datalist_pseudo.json`` points to), so that a mask edited by hand re-runs the stages that read it."""
+    files = set(stage["outputs"])
+    for pattern in stage.get("clear", []):
+        for path in map(Path, glob.glob(pattern)):
+            files |= {str(f) for f in path.rglob("*") if f.is_file()} if path.is_dir() else {str(path)}
+    return _output_hashes(sorted(f for f in files if Path(f).is_file()))
+
+
 def _clear(stage: dict) -> None:
     for pattern in [*stage["outputs"], *stage.get("clear", [])]:
         for path in glob.glob(pattern):
@@ -222,7 +232,7 @@ def _write(path: Path, data: dict, indent: int = 1) -> None:
 def run_stage(
     records_dir: str, stage: dict, upstream: Mapping[str, Mapping[str, str]], code: str, force: bool = False
 ) -> tuple[bool, dict[str, str]]:
-    """Run one stage unless its record is current; returns (whether it ran, its output hashes)."""
+    """Run one stage unless its record is current; returns (whether it ran, what it produced: see :func:`_produced`)."""
     name, records = stage["name"], Path(records_dir)
     record, started = records / f"{name}.json", records / f"{name}.started.json"
     inputs = _inputs(stage, upstream, code)
@@ -239,7 +249,7 @@ def run_stage(
                 record,
                 name,
             )
-            return False, outputs_now
+            return False, _produced(stage)
         logger.info("stage %s: runs again: %s", name, "; ".join(why))
     record.unlink(missing_ok=True)
     resuming = not force and (_read(started) or {}).get("inputs") == inputs
@@ -262,7 +272,7 @@ def run_stage(
     _write(record, {"config_file": stage["config_file"], "inputs": inputs, "outputs": outputs, "seconds": seconds})
     started.unlink(missing_ok=True)
     logger.info("stage %s: finished in %.1f s", name, seconds)
-    return True, outputs
+    return True, _produced(stage)
 
 
 def _kind(value) -> str | None:
@@ -337,7 +347,7 @@ def run_stages(
             if missing:
                 raise DataError(f"stage {name} is skipped but its output(s) {', '.join(missing)} do not exist")
             logger.info("stage %s: skipped as asked; using %s", name, ", ".join(stage["outputs"]))
-            upstream[name] = _output_hashes(stage["outputs"])
+            upstream[name] = _produced(stage)
             continue
         forcing = forcing or name in forced
         did, upstream[name] = run_stage(records_dir, stage, upstream, code, force=forcing)
