@@ -238,7 +238,8 @@ def run_stage(
     inputs = _inputs(stage, upstream, code)
     done = _read(record)
     if done is not None and not force:
-        outputs_now = {o: _file_hash(o) for o in stage["outputs"] if Path(o).is_file()}
+        produced = _produced(stage)
+        outputs_now = {o: produced[o] for o in stage["outputs"] if o in produced}
         why = _changes(done.get("inputs", {}), inputs)
         if outputs_now != done.get("outputs"):
             why.append("its outputs were changed or removed")
@@ -249,7 +250,7 @@ def run_stage(
                 record,
                 name,
             )
-            return False, _produced(stage)
+            return False, produced
         logger.info("stage %s: runs again: %s", name, "; ".join(why))
     record.unlink(missing_ok=True)
     resuming = not force and (_read(started) or {}).get("inputs") == inputs
@@ -286,6 +287,16 @@ def _kind(value) -> str | None:
     return {str: "a string", list: "a list", dict: "a dict"}.get(type(value))
 
 
+_ACCEPTED = {
+    "true/false": bool,
+    "a whole number": int,
+    "a number": (int, float),
+    "a string": str,
+    "a list": (list, tuple),
+    "a dict": dict,
+}
+
+
 def check_setting_types(stage: dict) -> None:
     """A setting whose value is of another kind than the stage config's own default (``--cam_epochs abc``,
     ``--layer_weights 0.5``) is refused here, naming it, instead of failing inside a trainer with a traceback."""
@@ -293,8 +304,7 @@ def check_setting_types(stage: dict) -> None:
     parser.read_config(stage["config_file"])
     for key, value in stage["overrides"].items():
         want = _kind(parser[key]) if key in parser else None
-        ok = {"a number": (int, float), "a list": (list, tuple)}.get(want, type(parser[key]) if want else object)
-        if want and (not isinstance(value, ok) or isinstance(value, bool) != (want == "true/false")):
+        if want and (not isinstance(value, _ACCEPTED[want]) or isinstance(value, bool) != (want == "true/false")):
             raise DataError(
                 f"setting {key} (stage {stage['name']}): expected {want} like its default "
                 f"{parser[key]!r}, got {value!r}"
@@ -306,15 +316,15 @@ def preflight(records_dir: str, stages: Sequence[dict]) -> None:
     (training and validation entries, see :func:`validate_datalist`), the masks the evaluation reads hold only class
     values, every setting keeps its default's kind (:func:`check_setting_types`), ``sam_classes`` are among the
     classes, and every output folder is writable."""
-    datalists = {s["overrides"]["datalist"] for s in stages if "datalist" in s["overrides"]}
-    for datalist in sorted(datalists):
-        validate_datalist(datalist, require=("training", "validation"))
+    classes = {}
+    for datalist in sorted({s["overrides"]["datalist"] for s in stages if "datalist" in s["overrides"]}):
+        classes[datalist] = validate_datalist(datalist, require=("training", "validation"))["classes"]
         check_mask_values(datalist, eval_split(datalist))
     for stage in stages:
         check_setting_types(stage)
         settings = stage["overrides"]
         if "datalist" in settings:
-            object_classes(validate_datalist(settings["datalist"], require=())["classes"], settings.get("sam_classes"))
+            object_classes(classes[settings["datalist"]], settings.get("sam_classes"))
     folders = {Path(records_dir)} | {Path(o).parent for s in stages for o in s["outputs"]}
     for folder in sorted(folders):
         writable_folder(folder)
