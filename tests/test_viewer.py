@@ -56,6 +56,20 @@ def test_a_region_is_read_where_the_viewer_asked(gradient_slide):
         load({"image": path, "location": [0, 0], "size": [10, 10], "level": 7})
 
 
+def test_a_region_at_another_pixel_size_is_resampled_to_the_models(gradient_slide):
+    path, _ = gradient_slide  # 0.5 um/px at level 0, 1.0 at level 1
+    load = LoadRegiond(keys="image", backend="openslide", mpp=1.0)
+    fine = load({"image": path, "location": [260, 40], "size": [200, 100], "level": 0})
+    assert fine["image"].shape == (3, 50, 100) and fine["region_shape"] == [100, 200]
+    coarse = load({"image": path, "location": [260, 40], "size": [100, 50], "level": 1})
+    assert coarse["image"].shape == (3, 50, 100) and "region_shape" not in coarse  # already the model's
+    np.testing.assert_allclose(fine["image"], coarse["image"], atol=12)  # the same place, at the same pixel size
+    pred = torch.zeros(1, 50, 100, dtype=torch.long)
+    pred[:, :, 50:] = 1
+    label = ToViewerLabeld(keys="pred")({"pred": pred, "region_shape": fine["region_shape"]})["pred"]
+    assert label.shape == (200, 100) and (label[:100] == 1).all() and (label[100:] == 2).all()  # W x H, region size
+
+
 def test_prediction_becomes_the_viewers_label():
     pred = torch.tensor([[[0, 1, 2], [2, 2, 0]]])  # 1 x H=2 x W=3 class indices
     out = ToViewerLabeld(keys="pred")({"pred": pred})["pred"]

@@ -97,10 +97,14 @@ class LoadPatchd(MapTransform):
             array = array[y : y + h, x : x + w]
         return np.ascontiguousarray(array.transpose(2, 0, 1))
 
-    def _slide(self, path: str, d: Mapping) -> np.ndarray:
+    def slide(self, path: str) -> tuple:
+        """``(reader, wsi)`` of a slide, opened once per process."""
         if path not in self._slides:
             self._slides[path] = open_slide(path, self.backend)
-        reader, wsi = self._slides[path]
+        return self._slides[path]
+
+    def _slide(self, path: str, d: Mapping) -> np.ndarray:
+        reader, wsi = self.slide(path)
         if "location" not in d or "size" not in d:
             raise DataError(f"{path}: a slide entry needs 'location' and 'size' besides 'level', got keys {sorted(d)}")
         _check_region(path, reader, wsi, d)

@@ -9,17 +9,22 @@ reads, a prediction into the label the viewers draw, and a corrected label back 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Hashable, Mapping
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from .constants import IGNORE
 from .errors import DataError
 from .transforms import LoadPatchd
+from .wsi.reader import level_downsample, slide_mpp
+
+log = logging.getLogger(__name__)
 
 # read whole, as tiles, whatever region a viewer asks for (QuPath sends a level and a region for PNGs too);
 # any other file is read as a slide
@@ -55,27 +60,59 @@ def region_entry(request: Mapping) -> dict:
 
 class LoadRegiond(MapTransform):
     """Read what a MONAI Label request names: a tile whole, or a slide region (see :func:`region_entry`), channel-first
-    uint8 like :class:`LoadPatchd`. The request's own keys stay as they are: MONAI Label's contour finder offsets
-    polygons by the (x, y) ``location``.
+    uint8 like :class:`LoadPatchd`. A region at another pixel size than the model's is resampled to it (viewers ask
+    for level 0, 0.25 um/px on a 40x slide), its own shape kept under ``region_shape`` for :class:`ToViewerLabeld`.
+    The request's keys stay as they are: MONAI Label's contour finder offsets polygons by the (x, y) ``location``.
 
     Args:
         keys: the image key (MONAI Label's ``image``).
         backend: slide reader, ``"cucim"`` (OpenSlide fallback) or ``"openslide"``.
+        mpp: the model's pixel size in um (inference.json's ``mpp``); None reads regions as they are.
+        slide_mpp: level 0's pixel size for slides that record none (else they are read as if at ``mpp``).
+        mpp_tolerance: relative difference read as the same pixel size.
     """
 
-    def __init__(self, keys: KeysCollection = "image", backend: str = "cucim"):
+    def __init__(
+        self, keys: KeysCollection = "image", backend: str = "cucim", mpp=None, slide_mpp=None, mpp_tolerance=0.1
+    ):
         super().__init__(keys)
         self.loader = LoadPatchd(keys="image", mask_keys=(), backend=backend)
+        self.mpp, self.slide_mpp, self.mpp_tolerance = mpp, slide_mpp, mpp_tolerance
+        self._slide_mpp: dict[str, float | None] = {}
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = self.loader(region_entry({**d, "image": d[key]}))["image"]
+            entry = region_entry({**d, "image": d[key]})
+            image = self.loader(entry)["image"]
+            scale = self.scale(entry)
+            if scale != 1:
+                d["region_shape"] = list(image.shape[1:])
+                size = [max(1, round(n * scale)) for n in image.shape[1:]]
+                image = F.interpolate(torch.as_tensor(image)[None].float(), size, mode="bilinear", antialias=True)
+                image = image[0].round().clamp(0, 255).to(torch.uint8).numpy()
+            d[key] = image
         return d
+
+    def scale(self, entry: Mapping) -> float:
+        """Model pixels per region pixel: 1 for a tile, without a model pixel size, or within the tolerance."""
+        if "level" not in entry or self.mpp is None:
+            return 1.0
+        path = entry["image"]
+        reader, wsi = self.loader.slide(path)
+        if path not in self._slide_mpp:
+            self._slide_mpp[path] = slide_mpp(path, reader, wsi) or self.slide_mpp
+            if self._slide_mpp[path] is None:
+                log.warning("%s: no pixel size recorded (set slide_mpp); read at the model's %s um/px", path, self.mpp)
+        if self._slide_mpp[path] is None:
+            return 1.0
+        scale = self._slide_mpp[path] * level_downsample(reader, wsi, entry["level"]) / self.mpp
+        return 1.0 if abs(scale - 1) <= self.mpp_tolerance else scale
 
 
 class ToViewerLabeld(MapTransform):
-    """Class indices (1, H, W) as the label MONAI Label writes and draws: uint8 (W, H), tissue class k as k + 1.
+    """Class indices (1, H, W) as the label MONAI Label writes and draws: uint8 (W, H), tissue class k as k + 1, at
+    the region's own size when :class:`LoadRegiond` resampled it.
 
     Args:
         keys: the prediction key (``pred``).
@@ -84,8 +121,10 @@ class ToViewerLabeld(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            pred = torch.as_tensor(d[key])
-            d[key] = (pred.reshape(pred.shape[-2:]).T + 1).to(torch.uint8).numpy()
+            pred = torch.as_tensor(d[key]).reshape(1, 1, *d[key].shape[-2:]).float()
+            if "region_shape" in d:  # predicted at the model's pixel size: back to the region's
+                pred = F.interpolate(pred, d["region_shape"], mode="nearest-exact")
+            d[key] = (pred[0, 0].T + 1).to(torch.uint8).numpy()
         return d
 
 

@@ -88,6 +88,16 @@ def slide_inference_labels(bundle, path, output_dir, region):
     return labels[y : y + h, x : x + w]
 
 
+def test_a_40x_region_is_read_at_the_models_pixel_size(colour_app, tmp_path):
+    """The square slide at 0.25 um/px (a 40x scan), the model at 0.5: the labels come back at the region's size, the
+    square where it is (edges within a level-0 pixel). The resampling itself: tests/test_viewer.py."""
+    app, _, _ = colour_app
+    path = square_slide(tmp_path / "square_40x.tif", mpp=0.25)
+    drawn, _ = region_labels(app, path, REGION)
+    purple = (square_rgb()[150:400, 200:600] == PURPLE).all(-1)
+    assert drawn.shape == purple.shape and iou(drawn == 2, purple) > 0.97 and iou(drawn == 1, ~purple) > 0.99
+
+
 def test_slide_region_polygons_lie_where_the_viewer_asked(colour_app, tmp_path):
     app, studies, bundle = colour_app
     drawn, tiles = region_labels(app, "square", REGION)
