@@ -89,7 +89,8 @@ def train_on_one_batch(config_file, entries_key: str, broken: str | None = None,
     if broken in ("loss detached", "labels shuffled"):
         trainer.loss_function = break_loss(trainer.loss_function, broken)
     wf.run()
-    network, entries = wf.parser.get_parsed_content("network"), wf.parser.get_parsed_content(entries_key)
+    network = wf.parser.get_parsed_content("network")
+    entries = wf.parser.get_parsed_content(entries_key.removesuffix("#data")).data  # as the dataset holds them
     data = Dataset(entries, wf.parser.get_parsed_content("validate#preprocessing"))
     batch = next(iter(DataLoader(data, batch_size=len(entries))))
     torch.optim.swa_utils.update_bn([batch["image"]], network)

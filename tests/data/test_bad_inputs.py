@@ -239,11 +239,9 @@ def test_check_mask_values_reads_each_mask_once_and_accepts_ignore_values(tmp_pa
     data = json.loads(path.read_text())
     data["validation"] += [dict(e, location=[0, 0], size=[8, 8]) for e in data["validation"]]  # same masks again
     write_json(path, data)
-    import scripts.images
-
     reads = []
-    real = scripts.images.read_mask
-    monkeypatch.setattr(scripts.images, "read_mask", lambda p: reads.append(Path(p).name) or real(p))
+    real = datalist.read_mask
+    monkeypatch.setattr(datalist, "read_mask", lambda p: reads.append(Path(p).name) or real(p))
     assert datalist.check_mask_values(path, "validation") == 2
     assert sorted(reads) == ["m.png", "n.png"]
     # without the declaration, 4 is a bad value

@@ -36,6 +36,27 @@ from monailabel_fixtures import (  # noqa: E402
 )
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def keep_the_bundle_modules():
+    """MONAI Label unloads ``scripts.*`` and imports the served copy's on every request; afterwards the other tests
+    must find the modules (classes, DataError, FlexibleUNet's backbone entry) they imported themselves."""
+    from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE
+
+    def ours(name):
+        return name == "scripts" or name.startswith("scripts.")
+
+    modules = {name: module for name, module in sys.modules.items() if ours(name)}
+    backbones = dict(FLEXUNET_BACKBONE.register_dict)
+    yield
+    for name in [name for name in sys.modules if ours(name)]:
+        del sys.modules[name]
+    sys.modules.update(modules)
+    FLEXUNET_BACKBONE.register_dict.clear()
+    FLEXUNET_BACKBONE.register_dict.update(backbones)
+
+
 REGION = {"location": [200, 150], "size": [400, 250], "level": 0}  # x 200..599, y 150..399 of the square slide
 WSI = {"tile_size": [1024, 1024], "min_poly_area": 0, "output": "json"}  # what /infer/wsi's form adds
 
