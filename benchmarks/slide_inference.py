@@ -21,10 +21,6 @@ One run (about 4-6 minutes on 2 busy CPU cores, slide generation included):
    of them; each backend's labels are compared with PyTorch's on the tissue pixels.
 3. Peak RSS of ours on each slide in a fresh subprocess (main process and DataLoader worker), for PyTorch and the
    fastest other backend.
-4. With ``--stages``: the pipeline's stage throughput, from one ``run training`` of the reduced demo of the quality
-   floor (8/4/4 tiles of 256 px, 3 classifier epochs, one refinement round, 8 segmentation epochs; about 2 minutes):
-   each stage's wall time from its record over the work it did (training patches x epochs, training images, test
-   megapixels), then the evaluation of the same checkpoint again with each backend.
 """
 
 from __future__ import annotations
@@ -157,7 +153,8 @@ def naive(path: Path, si: SlideInference, limit: int | None) -> tuple[float, int
 def naive_network(si: SlideInference) -> torch.nn.Module:
     """The same weights in the default memory layout (ours, with the torch backend, converts its copy to
     channels-last)."""
-    net = network(si.device, None)
+    torch.manual_seed(0)
+    net = FlexibleUNet(3, len(si.classes), "efficientnet-lite0", pretrained=False).to(si.device).eval()
     net.load_state_dict(si.network.state_dict())
     return net
 
@@ -212,46 +209,6 @@ def peak_rss(args, path: Path, out: Path, backend: str) -> dict:
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
-STAGE_SETTINGS = {"cam_epochs": 3, "max_epochs": 8, "refine_iterations": 1, "refine_epochs": 1}
-
-
-def stage_throughput(work: Path, backends: list[str]) -> None:
-    """Run the reduced demo pipeline and print each stage's throughput, then the evaluation with each backend."""
-    from monai.data import load_decathlon_datalist
-    from PIL import Image
-
-    from scripts.data.demo import prepare_demo
-
-    root, env = work / "pipeline", {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    datalist = prepare_demo(str(work / "demo"), n_train=8, n_validation=4, n_test=4, slide_size=256)
-    folders = {k: root / k for k in ("ckpt_dir", "pseudo_dir", "eval_dir", "log_dir", "stages_dir")}
-    settings = {**folders, **STAGE_SETTINGS, "datalist": datalist, "progress_bar": False, "force": "['classify']"}
-    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--bundle_root", str(BUNDLE)]
-    command += ["--config_file", str(BUNDLE / "configs" / "pipeline.json")]
-    subprocess.run([*command, *(a for k, v in settings.items() for a in (f"--{k}", str(v)))], check=True, env=env)
-    seconds = {p.stem: json.loads(p.read_text())["seconds"] for p in folders["stages_dir"].glob("*.json")}
-    train, test = (load_decathlon_datalist(datalist, False, split) for split in ("training", "test"))
-    test_mp = sum(np.prod(Image.open(p).size) for p in {e["image"] for e in test}) / 1e6
-    work_done = {
-        "classify": (len(train) * STAGE_SETTINGS["cam_epochs"], "training patches/s (validation included)"),
-        "pseudo_label": (len({e["image"] for e in train}), "training images/s (CAMs, SAM, refinement)"),
-        "segment": (len(train) * STAGE_SETTINGS["max_epochs"], "training patches/s (validation included)"),
-        "evaluate": (test_mp, "test MP/s (torch)"),
-    }
-    print(f"\nstage throughput, reduced demo ({len(train)} training patches, {test_mp:.2f} test MP):")
-    for stage, (amount, unit) in work_done.items():
-        print(f"{stage:14s} {seconds[stage]:7.1f} s  {amount / seconds[stage]:8.2f} {unit}")
-    evaluate = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(BUNDLE), "--config_file"]
-    evaluate += [str([str(BUNDLE / "configs" / c) for c in ("common.json", "train.json", "evaluate.json")])]
-    evaluate += ["--datalist", datalist, "--ckpt_dir", str(folders["ckpt_dir"]), "--progress_bar", "False"]
-    for backend in backends:
-        out = root / f"eval_{backend}"
-        start = time.time()
-        subprocess.run([*evaluate, "--backend", backend, "--output_dir", str(out)], check=True, env=env)
-        miou = json.loads((out / "metrics.json").read_text())["miou"]
-        print(f"evaluate {backend:12s} {time.time() - start:6.1f} s (process included)  test mIoU {miou:.4f}")
-
-
 def main() -> None:
     installed = [b for b in BACKENDS if b == "torch" or importlib.util.find_spec(b)]
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -261,7 +218,6 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="a trained model.pt (default: random weights)")
     parser.add_argument("--backends", nargs="+", default=installed, choices=BACKENDS, help="the first is the baseline")
     parser.add_argument("--naive-windows", type=int, default=None, help="time the naive loop on this many windows only")
-    parser.add_argument("--stages", action="store_true", help="also the pipeline's stage throughput (step 4)")
     parser.add_argument("--rss-child", nargs=2, metavar=("SLIDE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -330,8 +286,6 @@ def main() -> None:
             f"{large_mb['main_mb']:.0f} MB, ratio {large_mb['main_mb'] / small_mb['main_mb']:.3f}; "
             f"DataLoader worker: {small_mb['worker_mb']:.0f} / {large_mb['worker_mb']:.0f} MB"
         )
-    if args.stages:
-        stage_throughput(work, args.backends)
     print(f"whole run {time.time() - started:.0f} s")
 
 
