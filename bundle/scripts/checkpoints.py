@@ -88,6 +88,22 @@ def checkpoint_classes(checkpoint: str | os.PathLike | None) -> list[str] | None
     return (read_state(Path(checkpoint), "model").get("contract") or {}).get("classes")
 
 
+def model_classes(checkpoint: str | os.PathLike | None, metadata: str | os.PathLike) -> list[str]:
+    """The class names of a deployed model: those its checkpoint records, else the metadata's output ``channel_def``
+    (``run training`` writes the datalist's classes there), in channel order. What inference and MONAI Label's
+    trainer use where there is no datalist.
+
+    Args:
+        checkpoint: the model checkpoint (``models/model.pt``), possibly not there yet.
+        metadata: the bundle's ``configs/metadata.json``.
+
+    Returns:
+        The class names, in label order.
+    """
+    channels = json.loads(Path(metadata).read_text())["network_data_format"]["outputs"]["pred"]["channel_def"]
+    return checkpoint_classes(checkpoint) or [name for _, name in sorted(channels.items(), key=lambda kv: int(kv[0]))]
+
+
 def check_classes(checkpoint: str | os.PathLike, classes: Sequence[str] | None, what: str = "model") -> list[str]:
     """The class names a checkpoint was trained on; a DataError when ``classes`` (the run's, e.g. ``--classes``) are
     not the same names in the same order: reordered or misspelt names would silently swap the outputs. An older

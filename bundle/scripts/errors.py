@@ -28,8 +28,8 @@ def user_error(exc: BaseException | None) -> str | None:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, DataError):
-            return str(exc)
+        if any(c.__name__ == DataError.__name__ and c.__module__ == __name__ for c in type(exc).__mro__):
+            return str(exc)  # by name: MONAI Label re-imports scripts.* per request, each import a new DataError class
         if isinstance(exc, (KeyError, ValueError)) and any(s in str(exc) for s in _CONFIG_ERRORS):
             return f"config: {str(exc).strip(chr(34) + chr(39))}"
         exc = exc.__cause__ or exc.__context__

@@ -20,6 +20,7 @@ from skimage.color import hed_from_rgb, rgb_from_hed
 
 from .errors import DataError
 from .images import read_mask, read_rgb
+from .wsi.reader import level_downsample, open_slide
 
 TILE_CACHE = 64  # decoded tiles kept per process: a 112-px patch grid reads each tile ~100 times per epoch
 
@@ -96,14 +97,17 @@ class LoadPatchd(MapTransform):
             array = array[y : y + h, x : x + w]
         return np.ascontiguousarray(array.transpose(2, 0, 1))
 
-    def _slide(self, path: str, d: Mapping) -> np.ndarray:
-        from .wsi.reader import open_slide
-
+    def slide(self, path: str) -> tuple:
+        """``(reader, wsi)`` of a slide, opened once per process."""
         if path not in self._slides:
             self._slides[path] = open_slide(path, self.backend)
-        reader, wsi = self._slides[path]
+        return self._slides[path]
+
+    def _slide(self, path: str, d: Mapping) -> np.ndarray:
+        reader, wsi = self.slide(path)
         if "location" not in d or "size" not in d:
             raise DataError(f"{path}: a slide entry needs 'location' and 'size' besides 'level', got keys {sorted(d)}")
+        _check_region(path, reader, wsi, d)
         try:
             patch, _ = reader.get_data(wsi, location=tuple(d["location"]), size=tuple(d["size"]), level=int(d["level"]))
         except Exception as e:  # the backends raise ValueError, RuntimeError, OpenSlideError ...
@@ -111,6 +115,22 @@ class LoadPatchd(MapTransform):
                 f"{path}: cannot read the patch at {d['location']} size {d['size']} level {d['level']} ({e})"
             ) from e
         return np.ascontiguousarray(convert_to_numpy(patch, dtype=np.uint8))
+
+
+def _check_region(path: str, reader, wsi, d: Mapping) -> None:
+    """A patch must overlap the slide: the readers return blank pixels (or fail obscurely) for one outside it."""
+    level = int(d["level"])
+    if not 0 <= level < reader.get_level_count(wsi):
+        raise DataError(f"{path}: level {level} does not exist (the slide has {reader.get_level_count(wsi)} levels)")
+    (y, x), (h, w) = d["location"], d["size"]
+    height, width = reader.get_size(wsi, 0)
+    ds = level_downsample(reader, wsi, level)
+    slack = ds - 1  # a level's size is rounded: its last pixel may reach past level 0's by under one level pixel
+    if h <= 0 or w <= 0 or y < 0 or x < 0 or y + h * ds > height + slack or x + w * ds > width + slack:
+        raise DataError(
+            f"{path}: the patch at level-0 (x, y) = ({x}, {y}) of size (w, h) = ({w}, {h}) at level {level} does not "
+            f"lie inside the slide ({width} x {height} pixels, w x h)"
+        )
 
 
 class RandHEDJitterd(RandomizableTransform, MapTransform):

@@ -23,7 +23,7 @@ from scripts.sam.masks import save_pseudo_mask
 from scripts.sam.model import load_sam
 from scripts.sam.outputs import patch_size, pseudo_items, write_pseudo_datalist
 from scripts.sam.rules import Rules, cam_cell, object_classes
-from scripts.seg.data import pseudo_targets
+from scripts.seg.data import training_targets
 from scripts.seg.maps import SegmentationMaps
 from scripts.transforms import LoadPatchd
 
@@ -111,7 +111,7 @@ def test_one_refinement_round_through_monai_bundle(demo, tmp_path):
         assert set(np.unique(read_mask(path))) <= tags | {255}  # untagged classes never appear
 
     # what stage 3 reads: three layers through seg_data, a patch crop through LoadPatchd
-    target = LoadPatchd(keys=["pseudo_0"], mask_keys=["pseudo_0"])(pseudo_targets(loaded, 3)[1])["pseudo_0"]
+    target = LoadPatchd(keys=["pseudo_0"], mask_keys=["pseudo_0"])(training_targets(loaded, 3)[1])["pseudo_0"]
     assert target.shape == (1, 32, 32)
 
 

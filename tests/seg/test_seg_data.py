@@ -3,7 +3,7 @@
 import pytest
 
 from scripts.errors import DataError
-from scripts.seg.data import hold_out, layer_keys, pseudo_targets, whole_images
+from scripts.seg.data import hold_out, layer_keys, training_targets, whole_images
 
 
 def patches(n_images, per_image=3):
@@ -37,16 +37,16 @@ def test_hold_out_edge_cases():
         hold_out(patches(4), 1.0)
 
 
-def test_pseudo_targets_single_and_multi_layer():
+def test_training_targets_single_and_multi_layer():
     entry = {"image": "a.png", "pseudo": "p.png", "pseudo_layers": ["l0.png", "l1.png", "l2.png"]}
-    assert pseudo_targets([entry], 1)[0]["pseudo_0"] == "p.png"
-    three = pseudo_targets([entry], 3)[0]
+    assert training_targets([entry], 1)[0]["pseudo_0"] == "p.png"
+    three = training_targets([entry], 3)[0]
     assert [three[k] for k in layer_keys(3)] == ["l0.png", "l1.png", "l2.png"]
-    assert pseudo_targets([{"image": "a.png", "pseudo_layers": ["l0.png"]}], 1)[0]["pseudo_0"] == "l0.png"
+    assert training_targets([{"image": "a.png", "pseudo_layers": ["l0.png"]}], 1)[0]["pseudo_0"] == "l0.png"
     with pytest.raises(DataError, match="a.png: 0 pseudo-mask layer"):
-        pseudo_targets([{"image": "a.png"}], 1)
+        training_targets([{"image": "a.png"}], 1)
     with pytest.raises(DataError, match="a.png: 3 pseudo-mask layer.*2 layer weight"):
-        pseudo_targets([entry], 2)
+        training_targets([entry], 2)
 
 
 def test_whole_images_collapse_patches():

@@ -105,7 +105,7 @@ def test_monai_label_keys_and_properties(trained, tmp_path):
         wf.parser.get_parsed_content("validate#dataset#data"),
     )
     assert held and not {e["image"] for e in train} & {e["image"] for e in held}  # held-back images never trained on
-    batch = wf.parser.get_parsed_content("train#preprocessing")(train[0])
+    batch = wf.parser.get_parsed_content("train#dataset")[0]
     assert batch["image"].shape == (3, 32, 32) and batch["label"].shape == (3, 32, 32)
     assert batch["label"].max() == 255  # the fake layers' ignored rows survive loading and augmentation
 

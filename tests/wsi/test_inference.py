@@ -274,17 +274,17 @@ def test_inference_config_through_monai_bundle(tmp_path):
     with torch.no_grad():
         data["pred"] = parser.get_parsed_content("inferer")(data["image"][None], network)[0]
     pred = parser.get_parsed_content("postprocessing")(data)["pred"]
-    assert pred.dtype == torch.uint8 and tuple(pred.shape) == (1, 512, 768)
+    assert pred.dtype == np.uint8 and pred.shape == (768, 512) and pred.min() >= 1  # MONAI Label's: x first, 0 unused
 
 
 def monai_label_labels(parser, path) -> np.ndarray:
     """A tile through the keys MONAI Label's BundleInferTask reads: preprocessing, inferer with network,
-    postprocessing."""
+    postprocessing; its (W, H) label, class k as k + 1, back as the bundle's (H, W) class indices."""
     data = parser.get_parsed_content("preprocessing")({"image": str(path)})
     network = parser.get_parsed_content("network").eval()
     with torch.no_grad():
         data["pred"] = parser.get_parsed_content("inferer")(data["image"][None], network)[0]
-    return parser.get_parsed_content("postprocessing")(data)["pred"][0].numpy()
+    return parser.get_parsed_content("postprocessing")(data)["pred"].T - 1
 
 
 def slide_labels(parser, path, output_dir) -> np.ndarray:

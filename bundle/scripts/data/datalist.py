@@ -23,6 +23,7 @@ import numpy as np
 from ..atomic import atomic_output
 from ..constants import IGNORE
 from ..errors import DataError
+from ..images import read_mask
 
 SPLITS = ("training", "validation", "test")
 PATH_KEYS = ("image", "mask", "pseudo")
@@ -323,8 +324,6 @@ def check_mask_values(datalist: str | os.PathLike, split: str) -> int:
     Returns:
         The number of distinct masks read (0 when the split has no masks).
     """
-    from ..images import read_mask
-
     if split not in SPLITS:
         raise DataError(f"split: unknown split {split!r}; use {SPLITS}")
     data = validate_datalist(datalist, require=())

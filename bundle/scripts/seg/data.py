@@ -9,6 +9,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from monai.data import Dataset
+
 from ..errors import DataError
 
 
@@ -50,21 +52,27 @@ def layer_keys(num_layers: int) -> list[str]:
     return [f"pseudo_{i}" for i in range(num_layers)]
 
 
-def pseudo_targets(entries: Sequence[dict], num_layers: int) -> list[dict]:
-    """Each entry with its pseudo-mask layers under :func:`layer_keys` (from ``pseudo_layers``, or ``pseudo`` for one
-    layer), which ``LoadPatchd`` reads and ``ConcatItemsd`` stacks into the (L, H, W) target of
-    :class:`scripts.seg.losses.PseudoSupervisionLoss`.
+def training_targets(entries: Sequence[dict], num_layers: int) -> list[dict]:
+    """Each entry with its target masks under :func:`layer_keys`, which ``LoadPatchd`` reads and ``ConcatItemsd``
+    stacks into the (L, H, W) target of :class:`scripts.seg.losses.PseudoSupervisionLoss`: the pseudo-mask layers
+    of ``datalist_pseudo.json`` (``pseudo_layers``, or ``pseudo`` for one layer), or, for an entry of MONAI Label's
+    datastore (``label`` a mask file, not tags), that mask in every layer, the entry marked ``viewer_label`` for
+    :class:`scripts.viewer.FromViewerLabeld`.
 
     Args:
-        entries: training entries of ``datalist_pseudo.json``.
+        entries: training entries of ``datalist_pseudo.json`` or MONAI Label's ``{"image", "label"}``.
         num_layers: pseudo-mask layers per entry, the loss's weight count.
 
     Returns:
-        Copies of the entries with the layer paths under :func:`layer_keys`.
+        Copies of the entries with the mask paths under :func:`layer_keys`.
     """
     keys = layer_keys(num_layers)
     out = []
     for entry in entries:
+        if isinstance(entry.get("label"), (str, os.PathLike)):
+            label = os.fspath(entry["label"])
+            out.append({**entry, **dict.fromkeys(keys, label), "viewer_label": label})
+            continue
         layers = [entry["pseudo"]] if num_layers == 1 and "pseudo" in entry else entry.get("pseudo_layers", [])
         if len(layers) != num_layers:
             raise DataError(
@@ -74,6 +82,20 @@ def pseudo_targets(entries: Sequence[dict], num_layers: int) -> list[dict]:
             )
         out.append({**entry, **dict(zip(keys, layers))})
     return out
+
+
+class TargetDataset(Dataset):
+    """A :class:`monai.data.Dataset` of :func:`training_targets`: MONAI Label replaces ``train#dataset#data`` with
+    its datastore's entries, so the targets are made here, after any override.
+
+    Args:
+        data: training entries (pseudo-labelled, or MONAI Label's image + label mask).
+        num_layers: pseudo-mask layers per entry, the loss's weight count.
+        transform: the loading and augmentation chain.
+    """
+
+    def __init__(self, data: Sequence[dict], num_layers: int, transform=None):
+        super().__init__(training_targets(data, num_layers), transform)
 
 
 def whole_images(entries: Sequence[dict]) -> list[dict]:
