@@ -1,26 +1,32 @@
-"""Whole-slide inference throughput against a naive loop, and peak memory against slide area.
+"""Whole-slide inference throughput with each inference backend against a naive loop, label agreement between the
+backends, and peak memory against slide area.
 
-One run (about 2-4 minutes on 2 busy CPU cores, slide generation included):
+One run (about 4-6 minutes on 2 busy CPU cores, slide generation included):
 
-    OMP_NUM_THREADS=1 python benchmarks/slide_inference.py [--work /tmp/wsss_bench] [--roi 128] [--device cpu]
+    OMP_NUM_THREADS=1 python benchmarks/slide_inference.py [--work /tmp/wsss_bench] [--roi 128] [--device cpu] \
+        [--checkpoint bundle/models/model.pt] [--backends torch onnxruntime openvino]
 
 1. Generates two synthetic pyramidal slides (JPEG tiles, 0.25 um/px, about 30 % tissue): 20480 x 20480 and a quarter
    of that area, 10240 x 10240 (kept in ``--work`` for reruns). The tissue is rendered by ``scripts.data.render`` at
    1 um/px and level 0 repeats each pixel 4 x 4, so the generation streams and stays within a few GB.
 2. Infers the large slide at the model's 1 um/px (pyramid level 2, a 5120 x 5120 grid) with the bundle's network
-   (FlexibleUNet + EfficientNet-Lite0, random weights: speed does not depend on them), ``--roi`` windows (default 128,
-   the demo's training patch size), overlap 0.25:
+   (FlexibleUNet + EfficientNet-Lite0; ``--checkpoint``'s weights, else random weights: speed does not depend on
+   them), ``--roi`` windows (default 128, the demo's training patch size), overlap 0.25, once per ``--backends``
+   entry (:func:`scripts.export.exported`: PyTorch, or the ONNX export in ONNX Runtime / OpenVINO):
    (a) ours (:class:`scripts.wsi.inference.SlideInference`: tissue tiles only, DataLoader worker, batched Gaussian
-   sliding window, all outputs written); (b) a naive loop over the same window grid: OpenSlide ``read_region`` per
-   window, batch 1, every window of the slide, reading and network one after the other; (c) ours' reading alone
-   (the DataLoader over the tissue tiles) and the network alone (as many windows as ours inferred, random input).
-   Throughput is tissue megapixels (at the inference grid) per second of wall time for all of them.
-3. Peak RSS of ours on each slide in a fresh subprocess (main process and DataLoader worker).
+   sliding window, all outputs written); (b) a naive loop over the same window grid (PyTorch): OpenSlide
+   ``read_region`` per window, batch 1, every window of the slide, reading and network one after the other; (c) ours'
+   reading alone (the DataLoader over the tissue tiles) and each backend's network alone (as many windows as ours
+   inferred, random input). Throughput is tissue megapixels (at the inference grid) per second of wall time for all
+   of them; each backend's labels are compared with PyTorch's on the tissue pixels.
+3. Peak RSS of ours on each slide in a fresh subprocess (main process and DataLoader worker), for PyTorch and the
+   fastest other backend.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -35,12 +41,15 @@ import torch
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 sys.path.insert(0, str(BUNDLE))
 
+import tifffile  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
 from monai.inferers import SlidingWindowInferer  # noqa: E402
 from monai.networks.nets import FlexibleUNet  # noqa: E402
 
 import scripts.seg.net  # noqa: E402,F401  (registers efficientnet-lite0)
+from scripts.checkpoints import checkpoint_classes, load_network  # noqa: E402
 from scripts.data.render import CLASSES, make_slide_array  # noqa: E402
+from scripts.export import BACKENDS, exported  # noqa: E402
 from scripts.wsi.inference import SlideInference  # noqa: E402
 from scripts.wsi.pyramid_tiff import write_pyramidal_tiff  # noqa: E402
 
@@ -87,18 +96,22 @@ def make_slide(path: Path, size: int, seed: int) -> Path:
     return path
 
 
-def network(device) -> torch.nn.Module:
+def network(device, checkpoint: str | None) -> torch.nn.Module:
+    """The bundle's network with ``checkpoint``'s weights, or seeded random ones."""
     torch.manual_seed(0)
-    return FlexibleUNet(3, len(CLASSES), "efficientnet-lite0", pretrained=False).to(device).eval()
+    net = FlexibleUNet(3, len(checkpoint_classes(checkpoint) or CLASSES), "efficientnet-lite0", pretrained=False)
+    net = load_network(net, checkpoint, "segmentation model") if checkpoint else net
+    return net.to(device).eval()
 
 
-def ours(device, roi: int, num_workers: int = 1) -> SlideInference:
-    """Slide inference with the input scaling and activation of the bundle's inference.json."""
+def ours(device, roi: int, backend: str = "torch", checkpoint: str | None = None, num_workers: int = 1):
+    """Slide inference with the input scaling and activation of the bundle's inference.json, the network run by
+    ``backend`` as inference.json's ``slide_inference#network`` runs it."""
     config = ConfigParser(ConfigParser.load_config_file(BUNDLE / "configs" / "inference.json"))
     return SlideInference(
-        network(device),
+        exported(network(device, checkpoint), checkpoint, backend, (roi, roi)),
         SlidingWindowInferer(roi, SW_BATCH, OVERLAP, mode="gaussian"),
-        CLASSES,
+        checkpoint_classes(checkpoint) or CLASSES,
         config.get_parsed_content("scale_intensity"),
         config.get_parsed_content("activation"),
         device=device,
@@ -138,8 +151,10 @@ def naive(path: Path, si: SlideInference, limit: int | None) -> tuple[float, int
 
 
 def naive_network(si: SlideInference) -> torch.nn.Module:
-    """The same weights in the default memory layout (ours converts its copy to channels-last)."""
-    net = network(si.device)
+    """The same weights in the default memory layout (ours, with the torch backend, converts its copy to
+    channels-last)."""
+    torch.manual_seed(0)
+    net = FlexibleUNet(3, len(si.classes), "efficientnet-lite0", pretrained=False).to(si.device).eval()
     net.load_state_dict(si.network.state_dict())
     return net
 
@@ -154,70 +169,86 @@ def reading_only(si: SlideInference, path: Path) -> float:
 
 def network_only(si: SlideInference, windows: int) -> float:
     x = torch.rand(SW_BATCH, 3, si.roi, si.roi, device=si.device)
-    start = time.time()
     with torch.inference_mode():
+        si.network(x)  # warm-up: a runtime's first call allocates
+        start = time.time()
         for i in range(0, windows, SW_BATCH):
             with torch.autocast(si.device.type, enabled=si.device.type == "cuda"):
                 torch.softmax(si.network(x[: min(SW_BATCH, windows - i)]).float(), 1).cpu()
     return time.time() - start
 
 
-def rss_child(path: str, out: str, device: str, roi: int) -> None:
+def agreement(summary: dict, reference: dict, out: Path, reference_out: Path) -> float:
+    """The fraction of tissue pixels (PyTorch's label not 255) that two runs' label TIFFs label alike."""
+    ours_labels = tifffile.imread(out / summary["outputs"]["labels"], level=0)
+    theirs = tifffile.imread(reference_out / reference["outputs"]["labels"], level=0)
+    tissue = theirs != 255
+    return float((ours_labels[tissue] == theirs[tissue]).mean())
+
+
+def rss_child(path: str, out: str, device: str, roi: int, backend: str, checkpoint: str | None) -> None:
     """One inference in this process; prints peak RSS (MB) of this process and of its DataLoader worker.
 
     This process's peak is VmHWM: ``ru_maxrss`` survives exec on Linux, so it would report the parent's peak (the
     slide generation) whenever that is higher."""
-    ours(torch.device(device), roi)([path], out)
+    ours(torch.device(device), roi, backend, checkpoint)([path], out)
     status = Path("/proc/self/status").read_text()
     own = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
     worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps({"main_mb": round(own, 1), "worker_mb": round(worker, 1)}))
 
 
+def peak_rss(args, path: Path, out: Path, backend: str) -> dict:
+    command = [sys.executable, __file__, "--device", args.device, "--roi", str(args.roi), "--backends", backend]
+    command += ["--checkpoint", args.checkpoint] if args.checkpoint else []
+    command += ["--rss-child", str(path), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    child = subprocess.run(command, capture_output=True, text=True, env=env)
+    if child.returncode:
+        raise SystemExit(child.stderr[-3000:])
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
+    installed = [b for b in BACKENDS if b == "torch" or importlib.util.find_spec(b)]
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="/tmp/wsss_bench")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--roi", type=int, default=128, help="the network's input (window) size")
+    parser.add_argument("--checkpoint", default=None, help="a trained model.pt (default: random weights)")
+    parser.add_argument("--backends", nargs="+", default=installed, choices=BACKENDS, help="the first is the baseline")
     parser.add_argument("--naive-windows", type=int, default=None, help="time the naive loop on this many windows only")
     parser.add_argument("--rss-child", nargs=2, metavar=("SLIDE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.rss_child:
-        return rss_child(*args.rss_child, args.device, args.roi)
+        return rss_child(*args.rss_child, args.device, args.roi, args.backends[0], args.checkpoint)
     started, device, work = time.time(), torch.device(args.device), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     large, small = make_slide(work / "large.tif", 20480, 1), make_slide(work / "small.tif", 10240, 2)
 
-    si = ours(device, args.roi)
-    si.plan(str(small))  # warm-up: imports, first decode
-    start = time.time()
-    summary = si([large], work / "out")[0]
-    t_ours = time.time() - start
+    runs = {}
+    for backend in args.backends:
+        si = ours(device, args.roi, backend, args.checkpoint)
+        si.plan(str(small))  # warm-up: imports, first decode
+        start = time.time()
+        summary = si([large], work / f"out_{backend}")[0]
+        runs[backend] = {"si": si, "summary": summary, "path": time.time() - start}
+        runs[backend]["network"] = network_only(si, summary["windows_inferred"])
+    base = args.backends[0]
+    summary, si = runs[base]["summary"], runs[base]["si"]
     tissue_mp = summary["tissue_pixels"] / 1e6
     t_read = reading_only(si, large)
-    t_net = network_only(si, summary["windows_inferred"])
-    t_naive, t_naive_read, done, total = naive(large, si, args.naive_windows)
+    t_naive, t_naive_read, done, total = naive(
+        large, runs["torch"]["si"] if "torch" in runs else si, args.naive_windows
+    )
     t_naive_all = t_naive * total / done
-
-    rss = {}
-    for name, path in (("small", small), ("large", large)):
-        command = [
-            sys.executable,
-            __file__,
-            "--device",
-            args.device,
-            "--roi",
-            str(args.roi),
-            "--rss-child",
-            str(path),
-            str(work / f"rss_{name}"),
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        child = subprocess.run(command, capture_output=True, text=True, env=env)
-        if child.returncode:
-            raise SystemExit(child.stderr[-3000:])
-        rss[name] = json.loads(child.stdout.strip().splitlines()[-1])
+    fastest = min(runs, key=lambda b: runs[b]["path"])
+    rss = {
+        (backend, name): peak_rss(args, path, work / f"rss_{backend}_{name}", backend)
+        for backend in dict.fromkeys([base, fastest])
+        for name, path in (("small", small), ("large", large))
+    }
 
     grid = summary["grid_size"]
     rate = lambda seconds: tissue_mp / seconds  # noqa: E731
@@ -225,25 +256,36 @@ def main() -> None:
         f"\nslide {large.name}: 20480 x 20480 at {SLIDE_MPP} um/px; inference grid {grid[0]} x {grid[1]} (level "
         f"{summary['level']}, {summary['mpp']} um/px); tissue {tissue_mp:.2f} MP "
         f"({100 * tissue_mp / (grid[0] * grid[1] / 1e6):.0f} % of the grid); device {device}, "
-        f"{torch.get_num_threads()} torch thread(s); windows {si.roi} px, overlap {OVERLAP}, {SW_BATCH} per call"
+        f"{torch.get_num_threads()} torch thread(s); windows {si.roi} px, overlap {OVERLAP}, {SW_BATCH} per call; "
+        f"weights: {args.checkpoint or 'random'}"
     )
     print(
         f"tiles inferred {summary['tiles_inferred']} of {summary['tiles_total']}, "
         f"windows {summary['windows_inferred']} of {total}"
     )
-    print(f"(a) ours                {t_ours:7.1f} s  {rate(t_ours):6.3f} tissue MP/s")
-    note = "" if done == total else f"  (timed on {done} of {total} windows, extrapolated)"
-    print(f"(b) naive               {t_naive_all:7.1f} s  {rate(t_naive_all):6.3f} tissue MP/s{note}")
-    print(f"    of which reading {100 * t_naive_read / t_naive:.0f} %; speed-up (a)/(b) {t_naive_all / t_ours:.2f} x")
-    print(f"(c) reading only        {t_read:7.1f} s  {rate(t_read):6.3f} tissue MP/s")
-    print(f"    network only        {t_net:7.1f} s  {rate(t_net):6.3f} tissue MP/s")
-    print(f"    ours / slower of the two: {max(t_read, t_net) / t_ours:.2f}")
-    ratio = rss["large"]["main_mb"] / rss["small"]["main_mb"]
     print(
-        f"peak RSS main process: small {rss['small']['main_mb']:.0f} MB, "
-        f"large (4x area) {rss['large']['main_mb']:.0f} MB, ratio {ratio:.3f}; "
-        f"DataLoader worker: {rss['small']['worker_mb']:.0f} / {rss['large']['worker_mb']:.0f} MB"
+        f"{'backend':12s} {'(a) ours s':>10s} {'MP/s':>7s} {'network s':>10s} {'MP/s':>7s} {'ours/network':>12s} "
+        f"{'ours/' + base:>12s} {'labels = ' + base:>14s}"
     )
+    for backend, run in runs.items():
+        same = agreement(run["summary"], summary, work / f"out_{backend}", work / f"out_{base}")
+        print(
+            f"{backend:12s} {run['path']:10.1f} {rate(run['path']):7.3f} {run['network']:10.1f} "
+            f"{rate(run['network']):7.3f} {run['network'] / run['path']:12.2f} "
+            f"{runs[base]['path'] / run['path']:12.2f} {100 * same:13.3f}%"
+        )
+    note = "" if done == total else f"  (timed on {done} of {total} windows, extrapolated)"
+    print(f"(b) naive (torch)       {t_naive_all:7.1f} s  {rate(t_naive_all):6.3f} tissue MP/s{note}")
+    speedup = t_naive_all / runs[base]["path"]
+    print(f"    of which reading {100 * t_naive_read / t_naive:.0f} %; speed-up (a, {base})/(b) {speedup:.2f} x")
+    print(f"(c) reading only        {t_read:7.1f} s  {rate(t_read):6.3f} tissue MP/s")
+    for backend in dict.fromkeys([base, fastest]):
+        small_mb, large_mb = rss[backend, "small"], rss[backend, "large"]
+        print(
+            f"peak RSS main process, {backend}: small {small_mb['main_mb']:.0f} MB, large (4x area) "
+            f"{large_mb['main_mb']:.0f} MB, ratio {large_mb['main_mb'] / small_mb['main_mb']:.3f}; "
+            f"DataLoader worker: {small_mb['worker_mb']:.0f} / {large_mb['worker_mb']:.0f} MB"
+        )
     print(f"whole run {time.time() - started:.0f} s")
 
 

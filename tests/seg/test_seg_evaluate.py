@@ -117,6 +117,13 @@ def evaluate(setup, out, check=None, **override):
     return json.loads((out / "metrics.json").read_text())
 
 
+def test_onnxruntime_backend_gives_the_metrics_of_pytorch(setup, tmp_path):
+    reference = evaluate(setup, tmp_path / "torch")
+    exported = evaluate(setup, tmp_path / "onnxruntime", backend="onnxruntime")
+    assert (setup[1] / "model.onnx").is_file()
+    assert exported["confusion_matrix"] == reference["confusion_matrix"]
+
+
 class Colours(torch.nn.Module):
     """A segmenter without weights whose logits are the input's R, G, B: each pixel's class is its dominant colour."""
 

@@ -296,26 +296,33 @@ def slide_labels(parser, path, output_dir) -> np.ndarray:
 ON_CPU = {"device": "$torch.device('cpu')", "amp": False, "num_workers": 0, "progress_bar": False}
 
 
+TINY = {
+    "_target_": "BasicUNet",
+    "spatial_dims": 2,
+    "in_channels": 3,
+    "out_channels": "$len(@classes)",
+    "features": [4, 4, 8, 8, 16, 4],
+}
+
+
+def textured_tile(path, size: int = 192) -> None:
+    """An H&E-like texture, tissue everywhere so that every pixel is compared."""
+    rng = np.random.default_rng(0)
+    rgb = np.empty((size, size, 3), np.uint8)
+    rgb[:] = PINK
+    for y, x in rng.integers(0, size, (40 * size**2 // 192**2, 2)):
+        rgb[max(0, y - 8) : y + 8, max(0, x - 8) : x + 8] = PURPLE
+    rgb = np.clip(rgb + rng.integers(-8, 9, rgb.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(rgb).save(path)
+
+
 def test_monai_label_keys_and_slide_inference_give_the_same_labels(tmp_path):
     """The same tile, the same random network, the two paths of inference.json: the same labels, pixel for pixel.
 
     One window covers the tile (roi = tile, no overlap): slide inference blends windows' probabilities and MONAI
     Label's inferer blends logits, so where windows overlap the two may differ by design, not by their transforms."""
-    rng = np.random.default_rng(0)
-    rgb = np.empty((192, 192, 3), np.uint8)  # H&E-like texture, tissue everywhere so that every pixel is compared
-    rgb[:] = PINK
-    for y, x in rng.integers(0, 192, (40, 2)):
-        rgb[max(0, y - 8) : y + 8, max(0, x - 8) : x + 8] = PURPLE
-    rgb = np.clip(rgb + rng.integers(-8, 9, rgb.shape), 0, 255).astype(np.uint8)
-    Image.fromarray(rgb).save(tmp_path / "tile.png")
-    tiny = {
-        "_target_": "BasicUNet",
-        "spatial_dims": 2,
-        "in_channels": 3,
-        "out_channels": "$len(@classes)",
-        "features": [4, 4, 8, 8, 16, 4],
-    }
-    parser = inference_config(**ON_CPU, roi_size=[192, 192], overlap=0.0, tile_size=192, network_def=tiny)
+    textured_tile(tmp_path / "tile.png")
+    parser = inference_config(**ON_CPU, roi_size=[192, 192], overlap=0.0, tile_size=192, network_def=TINY)
     torch.manual_seed(0)
     slide = slide_labels(parser, tmp_path / "tile.png", tmp_path / "out")
     monai_label = monai_label_labels(parser, tmp_path / "tile.png")
@@ -345,3 +352,30 @@ def test_both_paths_take_scaling_and_activation_from_the_config(tmp_path, overri
     gland = {"purple": purple, "all": np.ones_like(purple), "pink": ~purple}[gland_where]
     assert tissue.mean() > 0.4 and (slide[tissue] == gland[tissue]).all()
     np.testing.assert_array_equal(slide[tissue], monai_label_labels(parser, tmp_path / "square.png")[tissue])
+
+
+def test_onnxruntime_backend_gives_the_labels_of_pytorch(tmp_path):
+    """``run inference`` with ``--backend onnxruntime``: the checkpoint exported once beside itself, the same labels
+    as the PyTorch network on a tile where overlapping windows blend."""
+    textured_tile(tmp_path / "tile.png", 256)
+    settings = {
+        **ON_CPU,
+        "roi_size": [64, 64],
+        "tile_size": 128,
+        "network_def": TINY,
+        "input": str(tmp_path / "tile.png"),
+    }
+    torch.manual_seed(0)
+    network = inference_config(**settings).get_parsed_content("network")
+    torch.save({"model": network.state_dict()}, tmp_path / "model.pt")
+    labels = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / backend
+        parser = inference_config(
+            **settings, ckpt_path=str(tmp_path / "model.pt"), backend=backend, output_dir=str(out)
+        )
+        parser.get_parsed_content("run")
+        labels[backend] = tifffile.imread(out / "tile_labels.tif", level=0)
+    assert (tmp_path / "model.onnx").is_file()
+    assert len(np.unique(labels["torch"])) >= 2  # the random network's labels vary, so agreeing means something
+    assert (labels["onnxruntime"] == labels["torch"]).mean() >= 0.999
