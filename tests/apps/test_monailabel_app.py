@@ -19,7 +19,9 @@ import torch
 from conftest import ROOT, shared
 from PIL import Image
 
-pytest.importorskip("monailabel", reason="MONAI Label is optional: pip install -r requirements-monailabel.txt")
+pytest.importorskip(
+    "monailabel.interfaces.app", reason="MONAI Label is optional: pip install -r requirements-monailabel.txt"
+)
 
 from fastapi import HTTPException  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
