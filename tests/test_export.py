@@ -74,6 +74,7 @@ def test_export_is_reused_and_a_stale_one_rebuilt_with_a_log_line(tmp_path, capl
     exported(TinyNet(), ckpt, "onnxruntime", roi_size=(32, 32))
     onnx_file = tmp_path / "model.onnx"
     first = onnx_file.stat().st_mtime_ns
+    caplog.clear()  # the first export's line, kept where an earlier test left logging at INFO
     with caplog.at_level(logging.INFO, logger="scripts.export"):
         exported(TinyNet(), ckpt, "onnxruntime", roi_size=(32, 32))
     assert onnx_file.stat().st_mtime_ns == first and not caplog.records  # the same checkpoint: used as it is
