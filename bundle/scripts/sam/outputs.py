@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,21 +159,40 @@ def write_pseudo_datalist(
         The path of the written ``datalist_pseudo.json``.
     """
     out = Outputs(output_dir)
-    target = out.datalist
+    return write_mask_datalist(
+        datalist, out.datalist, lambda name: (out.sam(name, iteration), [out.layer(name, i) for i in range(num_layers)])
+    )
+
+
+def write_mask_datalist(
+    datalist: str | os.PathLike, target: str | os.PathLike, masks: Callable[[str], tuple[Path, Sequence[Path]]]
+) -> Path:
+    """``target``: the input datalist (classes, every split, top-level extras) whose training entries gain ``pseudo``
+    and ``pseudo_layers``, the files ``masks(unit name)`` gives, all paths relative to ``target``. Refuses to point at
+    a mask that was not written. The one writer of ``datalist_pseudo.json`` for every source of pseudo-masks.
+
+    Args:
+        datalist: the input datalist JSON.
+        target: the ``datalist_pseudo.json`` to write.
+        masks: unit name (:func:`pseudo_items`) -> (its ``pseudo`` mask, its ``pseudo_layers`` masks).
+
+    Returns:
+        ``target`` as a Path.
+    """
+    target = Path(target)
     raw = json.loads(Path(datalist).read_text())
     splits = {s: load_decathlon_datalist(str(datalist), False, s) for s in SPLITS if raw.get(s)}
     names = {key: unit["name"] for key, unit in _units(splits.get("training", [])).items()}
     root = target.parent.resolve()
     for entry in splits["training"]:
-        name = names[_unit_key(entry)]
-        pseudo, layers = out.sam(name, iteration), [out.layer(name, i) for i in range(num_layers)]
-        missing = [str(p) for p in (pseudo, *layers) if not p.exists()]
+        pseudo, layers = masks(names[_unit_key(entry)])
+        missing = [str(p) for p in (pseudo, *layers) if not Path(p).exists()]
         if missing:
             raise DataError(
                 f"{entry['image']}: pseudo-mask(s) {missing} missing; run the pseudo-label stage to the end"
             )
         entry["pseudo"] = str(pseudo)
-        entry["pseudo_layers"] = [os.path.relpath(p.resolve(), root) for p in layers]
+        entry["pseudo_layers"] = [os.path.relpath(Path(p).resolve(), root) for p in layers]
     extra = {k: v for k, v in raw.items() if k not in ("classes", *SPLITS)}
     write_datalist(target, read_classes(datalist), splits, **extra)
     return target
