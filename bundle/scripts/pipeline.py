@@ -1,5 +1,8 @@
 """The ``training`` run id (``configs/pipeline.json``): classify → pseudo-label → segment → [self-training rounds] →
 evaluate, each stage a bundle workflow of its own run as ``[common.json, <stage>.json]`` with the pipeline's settings.
+The pseudo-masks' source (``pseudo_source``) is the CAM (classify → pseudo-label), the IKD-MIL networks
+(``mil_pseudo_label``, their masks straight to the segmentation), or the MIL maps as SAM's prompts (``mil_sam``:
+``mil_pseudo_label`` → ``pseudo_label`` with the ``mil_sam.json`` overlay).
 
 :func:`stage_graph` is the one place the stages, their order, their outputs and what each is handed are defined.
 :func:`run_stages` runs them. A stage is skipped only when its completion record (``<stages_dir>/<name>.json``,
@@ -27,6 +30,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from .atomic import atomic_output, writable_folder
 from .data.datalist import check_mask_values, validate_datalist
 from .errors import DataError
+from .mil.masks import MILOutputs
 from .sam.outputs import Outputs
 from .sam.rules import object_classes
 from .seg.data import eval_split
@@ -48,12 +52,16 @@ def _rounds(self_training) -> int:
     return self_training
 
 
+PSEUDO_SOURCES = ("cam", "mil", "mil_sam")
+
+
 def stage_graph(
     configs_dir: str,
     dirs: Mapping[str, str],
     shared: Mapping,
     settings: Mapping[str, Mapping],
     self_training: int | bool = 0,
+    pseudo_source: str = "cam",
 ) -> list[dict]:
     """The stages of one ``run training``, as dicts of :func:`run_stage` arguments.
 
@@ -61,11 +69,14 @@ def stage_graph(
         configs_dir: the bundle's ``configs`` folder; every stage runs ``common.json`` with its own config on top.
         dirs: ``ckpt_dir``, ``pseudo_dir``, ``eval_dir``, ``log_dir``: where the stages write.
         shared: settings handed to every stage (datalist, seed, device, ...); None values are left out.
-        settings: per stage group (``classify``, ``pseudo_label``, ``segment``, ``relabel``, ``self_training_segment``,
-            ``evaluate``) the stage keys the user set; None values are left out, so a stage keeps its own default.
+        settings: per stage group (``classify``, ``pseudo_label``, ``mil``, ``segment``, ``mil_segment``, ``relabel``,
+            ``self_training_segment``, ``evaluate``) the stage keys the user set; None values are left out, so a stage
+            keeps its own default. ``mil_segment`` goes to the first segmentation of a MIL source (one mask per image).
         self_training: rounds after the first segmentation (True: one). Round k relabels the training images with
             round k-1's network (its predictions prompt SAM; masks in ``pseudo_dir/round<k>``) and trains a fresh
             network on them, into ``ckpt_dir/round<k>``; the last round's network is ``ckpt_dir/model.pt``.
+        pseudo_source: ``"cam"`` (classify, pseudo_label), ``"mil"`` (mil_pseudo_label, masks in ``pseudo_dir/mil``)
+            or ``"mil_sam"`` (mil_pseudo_label, then pseudo_label prompting SAM with the MIL maps).
 
     Returns:
         the stages in order, each ``{"name", "config_file", "outputs", "clear", "overrides"}``.
@@ -103,19 +114,43 @@ def stage_graph(
         )
 
     first = f"{ckpt}/round1" if rounds else ckpt
-    stages = [
-        stage(
-            "classify",
-            ["train_cam.json"],
-            [f"{ckpt}/cam_best.pt"],
-            ["classify"],
-            [f"{ckpt}/cam_last.pt"],
-            ckpt_dir=ckpt,
-            log_dir=f"{logs}/train_cam",
-        ),
-        labels("pseudo_label", pseudo, ["pseudo_label.json"], ["pseudo_label"], ckpt_dir=ckpt),
-        segment("segment", pseudo, first, ["segment"]),
-    ]
+    if pseudo_source not in PSEUDO_SOURCES:
+        raise DataError(f"pseudo_source must be one of {list(PSEUDO_SOURCES)}, got {pseudo_source!r}")
+    if pseudo_source == "cam":
+        stages = [
+            stage(
+                "classify",
+                ["train_cam.json"],
+                [f"{ckpt}/cam_best.pt"],
+                ["classify"],
+                [f"{ckpt}/cam_last.pt"],
+                ckpt_dir=ckpt,
+                log_dir=f"{logs}/train_cam",
+            ),
+            labels("pseudo_label", pseudo, ["pseudo_label.json"], ["pseudo_label"], ckpt_dir=ckpt),
+            segment("segment", pseudo, first, ["segment"]),
+        ]
+    else:
+        mil = MILOutputs(f"{pseudo}/mil")
+        stages = [
+            stage(
+                "mil_pseudo_label",
+                ["mil_pseudo_label.json"],
+                [mil.datalist],
+                ["mil"],
+                [*mil.work_files(), f"{ckpt}/mil_*.pt"],
+                output_dir=str(mil.root),
+                ckpt_dir=ckpt,
+                log_dir=f"{logs}/mil",
+            )
+        ]
+        masks = mil.root
+        if pseudo_source == "mil_sam":
+            stages.append(
+                labels("pseudo_label", pseudo, ["pseudo_label.json", "mil_sam.json"], ["pseudo_label"], ckpt_dir=ckpt)
+            )
+            masks = pseudo
+        stages.append(segment("segment", masks, first, ["segment", "mil_segment"]))
     for k in range(2, rounds + 2):
         masks, model = f"{pseudo}/round{k}", ckpt if k == rounds + 1 else f"{ckpt}/round{k}"
         stages += [

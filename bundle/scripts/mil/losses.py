@@ -53,8 +53,8 @@ def confident_labels(maps: torch.Tensor, confidence: float) -> torch.Tensor:
     if not 0.5 <= confidence <= 1:
         raise DataError(f"MIL confidence must be in [0.5, 1], got {confidence}")
     labels = torch.full_like(maps, IGNORE, dtype=torch.long)
-    labels[maps >= confidence] = 1
     labels[maps <= 1 - confidence] = 0
+    labels[maps >= confidence] = 1
     return labels
 
 
