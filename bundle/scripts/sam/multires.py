@@ -12,13 +12,15 @@ stage of LiteMedSAM's TinyViT). Cross-resolution fusion::
     mask = SAM's own HR logits + (HR-token weights + LR-token weights) . fused HR mask features
 
 The tokens and the MLPs' last layers start at zero, so an untrained model gives SAM's masks up to the extra token's
-share of the decoder's attention (0.6 % of the mask pixels on a GlaS crop with LiteMedSAM). A checkpoint holds only the trainable parameters, the base SAM's name and a hash of its weights, and
-the pixel size it was trained at; it refuses another base SAM.
+share of the decoder's attention (0.6 % of the mask pixels on a GlaS crop with LiteMedSAM). A checkpoint holds only
+the trainable parameters, the base SAM's name and a hash of its weights, and the pixel size it was trained at; it
+refuses another base SAM.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from typing import NamedTuple
 
@@ -34,6 +36,8 @@ from ..checkpoints import read_state
 from ..errors import DataError
 from .model import Frame, Masks, SegmentAnything, to_sam
 from .views import Window, map_prompts
+
+logger = logging.getLogger(__name__)
 
 
 class View(NamedTuple):
@@ -253,7 +257,8 @@ class MultiResSAM(nn.Module):
         missing = [k for k in missing if not k.startswith("sam.")]
         if missing or unexpected:
             raise DataError(f"{path}: the WSI-SAM checkpoint lacks {missing} and has unknown {unexpected}")
-        self.mpp, self.use_lr = saved.get("mpp"), bool(saved.get("use_lr", True))
+        self.mpp = self.mpp if saved.get("mpp") is None else float(saved["mpp"])
+        self.use_lr = bool(saved.get("use_lr", True))
         return self
 
 
@@ -264,8 +269,8 @@ def load_multires(
     mpp: float | None = None,
     use_lr: bool = True,
 ) -> MultiResSAM:
-    """WSI-SAM over ``sam`` in eval mode: trained from ``checkpoint`` (its pixel size and LR switch win), or fresh
-    (untrained tokens: SAM's own masks) at ``mpp`` with ``use_lr``.
+    """WSI-SAM over ``sam`` in eval mode: trained from ``checkpoint`` (its LR switch and its pixel size, when it
+    records one, win), or fresh (untrained tokens: SAM's own masks) at ``mpp`` with ``use_lr``.
 
     Args:
         sam: the base SAM (:func:`scripts.sam.model.load_sam`).
@@ -275,7 +280,9 @@ def load_multires(
         use_lr: whether a fresh model uses the LR view.
     """
     model = MultiResSAM(sam, base, mpp, use_lr)
-    if checkpoint is not None:
+    if checkpoint is None:
+        logger.warning(f"WSI-SAM: no checkpoint, untrained tokens: the masks are about {base}'s own")
+    else:
         model.load(checkpoint)
     return model.eval()
 
