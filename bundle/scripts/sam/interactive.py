@@ -94,17 +94,18 @@ def read_prompts(path: str | os.PathLike, class_name: str = "object") -> list[Pr
     return prompts
 
 
-def command_line_prompts(boxes=None, points=None, class_name: str = "object") -> list[Prompt]:
-    """``boxes`` [[x0, y0, x1, y1], ...] and ``points`` [[x, y], ...] (each point one prompt), level-0 pixels."""
+def command_line_prompts(image, boxes=None, points=None, class_name: str = "object") -> list[Prompt]:
+    """``boxes`` [[x0, y0, x1, y1], ...] and ``points`` [[x, y], ...] (each point one prompt), level-0 pixels of
+    ``image`` (named in messages)."""
     prompts = []
     for i, box in enumerate(boxes or []):
         if np.shape(box) != (4,):
-            raise DataError(f"--boxes: box {i} must be [x0, y0, x1, y1], got {box!r}")
-        prompts.append(Prompt(f"--boxes: box {i}", np.asarray(box, np.float64), class_name=class_name))
+            raise DataError(f"{image}: --boxes: box {i} must be [x0, y0, x1, y1], got {box!r}")
+        prompts.append(Prompt(f"{image}: --boxes: box {i}", np.asarray(box, np.float64), class_name=class_name))
     for i, point in enumerate(points or []):
         if np.shape(point) != (2,):
-            raise DataError(f"--points: point {i} must be [x, y], got {point!r}")
-        prompts.append(Prompt(f"--points: point {i}", None, np.asarray([point], np.float64), class_name))
+            raise DataError(f"{image}: --points: point {i} must be [x, y], got {point!r}")
+        prompts.append(Prompt(f"{image}: --points: point {i}", None, np.asarray([point], np.float64), class_name))
     return prompts
 
 
@@ -172,7 +173,7 @@ class InteractiveSegmentation:
         self, image, output_dir, prompts_file=None, boxes=None, points=None, class_name: str = "object"
     ) -> Path:
         """Segment the prompts; returns the GeoJSON written (``<image stem>_prompts.geojson``, masks beside it)."""
-        prompts = command_line_prompts(boxes, points, class_name)
+        prompts = command_line_prompts(image, boxes, points, class_name)
         if prompts_file:
             prompts = read_prompts(prompts_file, class_name) + prompts
         if not prompts:

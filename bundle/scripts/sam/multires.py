@@ -140,7 +140,7 @@ class MultiResSAM(nn.Module):
         dim = decoder.transformer_dim
         channels = decoder.output_upscaling[-2].out_channels  # SAM's mask features: dim // 8
         stage, early_dim = _early_stage(sam.image_encoder)
-        self._early_stage = stage
+        self._early_stage = (stage,)  # a tuple: the encoder's module, not a second copy in this model's state
         self.tokens = nn.Embedding(2, dim)  # 0: HR token, 1: LR token; zero: the least change to SAM's attention
         nn.init.zeros_(self.tokens.weight)
         self.mlps = nn.ModuleList(MLP(dim, dim, channels, 3) for _ in range(2))
@@ -167,7 +167,7 @@ class MultiResSAM(nn.Module):
         """One view through SAM's frozen image encoder, keeping the early features on the way."""
         x, frame = self.sam.preprocess(image)
         seen = []
-        hook = self._early_stage.register_forward_hook(lambda module, args, out: seen.append(out))
+        hook = self._early_stage[0].register_forward_hook(lambda module, args, out: seen.append(out))
         try:
             with self.sam._autocast():
                 features = self.sam.image_encoder(x)

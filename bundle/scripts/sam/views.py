@@ -123,7 +123,9 @@ class ImageSource:
             canvas[ty - top : by - top, tx - left : bx - left] = self._pixels(level, ds, ty, tx, by - ty, bx - tx)
         if canvas.shape[:2] == tuple(window.shape):
             return canvas
-        resized = Image.fromarray(canvas).resize(window.shape[::-1], Image.Resampling.BILINEAR)
+        resized = Image.fromarray(canvas).resize(
+            window.shape[::-1], Image.Resampling.BOX
+        )  # area average, as the pyramid levels
         return np.asarray(resized)
 
     def _pixels(self, level: int, ds: float, y: int, x: int, h: int, w: int) -> np.ndarray:
