@@ -173,6 +173,8 @@ class InteractiveSegmentation:
         self, image, output_dir, prompts_file=None, boxes=None, points=None, class_name: str = "object"
     ) -> Path:
         """Segment the prompts; returns the GeoJSON written (``<image stem>_prompts.geojson``, masks beside it)."""
+        if not image:
+            raise DataError("interactive: no image; give --image, a slide or a tile")
         prompts = command_line_prompts(image, boxes, points, class_name)
         if prompts_file:
             prompts = read_prompts(prompts_file, class_name) + prompts

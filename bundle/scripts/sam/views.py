@@ -59,13 +59,13 @@ class Window:
         """Level-0 (y, x) pixel indices -> this view's; the last axis holds points (2) or boxes (y0, x0, y1, x1) (4).
         Pixel centres map to pixel centres, as in :func:`scripts.sam.model.to_sam`."""
         c = np.asarray(coords, np.float64)
-        pairs = c.reshape(*c.shape[:-1], -1, 2)
+        pairs = c.reshape(*c.shape[:-1], c.shape[-1] // 2, 2)
         return ((pairs + 0.5 - self.origin) / self.downsample - 0.5).reshape(c.shape)
 
     def to_level0(self, coords) -> np.ndarray:
         """Inverse of :meth:`to_view`."""
         c = np.asarray(coords, np.float64)
-        pairs = c.reshape(*c.shape[:-1], -1, 2)
+        pairs = c.reshape(*c.shape[:-1], c.shape[-1] // 2, 2)
         return ((pairs + 0.5) * self.downsample + self.origin - 0.5).reshape(c.shape)
 
 
