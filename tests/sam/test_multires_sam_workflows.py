@@ -108,6 +108,12 @@ def test_interactive_config_gives_one_polygon_per_box_inside_it(slide, tmp_path)
         polygon = shapely.from_geojson(json.dumps(feature["geometry"]))
         assert polygon.is_valid and polygon.area > 0
         assert polygon.within(shapely.box(*box).buffer(1e-6)), (polygon.bounds, box)
+        properties = feature["properties"]
+        mask = read_mask(out / properties["mask"]) > 0  # the prompt's whole HR view (downsample 1 here)
+        assert properties["mask_downsample"] == 1.0
+        x, y = np.asarray(polygon.representative_point().coords[0]) - properties["mask_origin_xy"]
+        assert mask[int(y), int(x)], "the polygon outlines the mask, not what lies around it"
+        assert 0 < polygon.area <= 1.1 * mask.sum()
         area = feature["properties"]["measurements"]
         assert area["Area µm^2"] == pytest.approx(area["Area px^2"] * 0.25, rel=1e-3)
         assert feature["properties"]["classification"]["name"] == "gland"

@@ -246,7 +246,8 @@ class InteractiveSegmentation:
             return None
         largest = np.argmax(np.bincount(parts.ravel())[1:]) + 1
         size = (window.shape[1] * window.downsample, window.shape[0] * window.downsample)
-        polygons = label_polygons((parts == largest).astype(np.uint8), ["object"], window.downsample, size, 0, 0.5)
+        outline = np.where(parts == largest, 0, 1).astype(np.uint8)  # label_polygons outlines class 0 of a label map
+        polygons = label_polygons(outline, [prompt.class_name], window.downsample, size, 0, 0.5)
         offset = np.array([window.origin[1], window.origin[0]])
         shape = shapely.unary_union(
             [shapely.Polygon(p.exterior + offset, [h + offset for h in p.holes]).buffer(0) for p in polygons]
