@@ -8,7 +8,7 @@ import torch
 from scripts.errors import DataError
 from scripts.sam.model import load_sam
 from scripts.sam.multires import load_multires, trainable_parameters
-from scripts.sam.multires_train import component_prompts
+from scripts.sam.multires_train import MultiResTrainer, component_prompts
 from scripts.sam.views import GLASS, ImageSource, Window, map_prompts
 from scripts.wsi.pyramid_tiff import write_pyramidal_tiff
 
@@ -180,3 +180,48 @@ def test_training_prompts_are_noisy_boxes_and_points_of_each_component():
         assert target[tuple(pts.astype(int).T)].all()
     none = component_prompts(mask, [0], rng, "box", min_area=10**6)
     assert none[0].shape == (0, 4) and none[3].shape == (0, 64, 96)
+
+
+def fit(tmp_path, learning_rate: float) -> tuple[float, float]:
+    """:class:`MultiResTrainer` on the scene (its mask as the pseudo-mask, boxes only) for 80 steps; returns the mean
+    IoU of the two discs' masks, box-prompted, before and after."""
+    from PIL import Image
+
+    image, mask = scene()
+    Image.fromarray(image).save(tmp_path / "scene.png")
+    Image.fromarray(mask).save(tmp_path / "pseudo.png")
+    unit = {
+        "name": "scene",
+        "image": str(tmp_path / "scene.png"),
+        "pseudo": str(tmp_path / "pseudo.png"),
+        "label": [1, 1],
+    }
+    m = model()
+    trainer = MultiResTrainer(
+        m,
+        [unit],
+        tmp_path / "multires.pt",
+        objects=[1],
+        epochs=80,
+        learning_rate=learning_rate,
+        prompt_types=["box"],
+        box_noise=0.0,
+        progress_bar=False,
+    )
+    boxes, _, _, targets = component_prompts(mask, [1], np.random.default_rng(0), "box", box_noise=0.0)
+
+    def iou() -> float:
+        masks = m.predict(trainer.region(unit), boxes).probs > 0.5
+        return float(np.mean([(a & b).sum() / (a | b).sum() for a, b in zip(masks, targets)]))
+
+    before = iou()
+    trainer.run()
+    return before, iou()
+
+
+def test_training_on_pseudo_masks_fits_them(tmp_path):
+    before, after = fit(tmp_path, 1e-2)
+    assert after > max(before + 0.2, 0.8), (before, after)
+    (tmp_path / "lr0").mkdir()
+    frozen_before, frozen_after = fit(tmp_path / "lr0", 0.0)
+    assert frozen_after == pytest.approx(frozen_before, abs=1e-6)  # learning rate 0: nothing learnt
