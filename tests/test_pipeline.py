@@ -275,6 +275,7 @@ TUNED = {
         "prompts#margin",
         "refine_iterations",
         "refine_epochs",
+        "sam_refiner",
         "sam_backend",
         "sam_classes",
         "confidence",
@@ -332,6 +333,7 @@ def test_pipeline_settings_reach_their_stages():
         "ids_threshold": 0.9,
         "refine_iterations": 2,
         "refine_epochs": 1,
+        "sam_refiner": "multires",
         "max_epochs": 5,
         "layer_weights": [1.0],
         "easy_mining": True,
@@ -360,6 +362,7 @@ def test_pipeline_settings_reach_their_stages():
             "ids_threshold": 0.9,
             "refine_iterations": 2,
             "refine_epochs": 1,
+            "sam_refiner": "multires",
         },
         "segment": {
             "max_epochs": 5,

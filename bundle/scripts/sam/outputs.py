@@ -12,6 +12,7 @@ Under ``output_dir``::
     sam_iter0/NAME.png       CAM prompts into SAM as shipped
     sam_iterK/NAME.png       the same prompts after K rounds of decoder fine-tuning (the last one -> "pseudo")
     sam_decoder_iterK.pt     the mask decoder's state dict after round K
+    multires_sam.pt          WSI-SAM's trained parts (``sam_refiner: multires``; its masks are round 1)
     datalist_pseudo.json
 
 Every file is written atomically and a re-run skips what exists, so an interrupted run resumes where it stopped.
@@ -138,7 +139,14 @@ class Outputs:
         ``root`` (a self-training round's folder, the user's files) is touched."""
         return [
             str(self.root / p)
-            for p in ("cams", "cam_layers", "sam_iter*", "sam_decoder_iter*.pt", "datalist_pseudo.json")
+            for p in (
+                "cams",
+                "cam_layers",
+                "sam_iter*",
+                "sam_decoder_iter*.pt",
+                "multires_sam.pt",
+                "datalist_pseudo.json",
+            )
         ]
 
 
