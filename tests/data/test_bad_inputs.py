@@ -486,19 +486,7 @@ def bowtie_geojson(path: Path) -> Path:
     return write_json(path, {"type": "FeatureCollection", "features": [feature]})
 
 
-def test_self_intersecting_polygon_without_shapely(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "shapely", None)  # as if not installed (it is not in requirements.txt)
-    path = bowtie_geojson(tmp_path / "a.geojson")
-    with pytest.raises(
-        DataError,
-        match=r"a.geojson: feature 0: the polygon crosses itself near \(200.0, 200.0\); "
-        "fix it in QuPath/ASAP, or install shapely",
-    ):
-        annotations.read_annotations(path)
-
-
 def test_self_intersecting_polygon_repaired_with_shapely(tmp_path, caplog):
-    pytest.importorskip("shapely")
     polygons = annotations.read_annotations(bowtie_geojson(tmp_path / "a.geojson"))
     assert len(polygons) == 2 and all(p.class_name == "tumor" for p in polygons)
     assert "repaired with shapely.make_valid into 2 polygon(s)" in caplog.text

@@ -4,9 +4,8 @@
 uint8 label image at a given downsample (255 = unannotated).
 
 Self-intersecting polygons (a ring whose edges cross, e.g. a figure eight drawn with the brush) would be filled
-by the even-odd rule, leaving holes where the ring overlaps itself. When ``shapely`` is installed they are repaired
-with ``shapely.make_valid`` (a warning names the file and the annotation); without it they are refused with an
-error naming the file, the annotation and the crossing point.
+by the even-odd rule, leaving holes where the ring overlaps itself. They are repaired with ``shapely.make_valid``, and a
+warning names the file, the annotation and the crossing point.
 """
 
 from __future__ import annotations
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import shapely
+from shapely.geometry import Polygon as ShapelyPolygon
 
 from ..constants import IGNORE
 from ..errors import DataError
@@ -90,18 +91,10 @@ def _crossing(ring: np.ndarray) -> tuple[float, float] | None:
 
 
 def _make_valid(polygon: Polygon, path, where: str) -> list[Polygon]:
-    """The polygon itself if no ring crosses itself; else its repair by shapely, or an error without shapely."""
+    """The polygon itself if no ring crosses itself; else its repair by shapely."""
     bad = next((p for p in (_crossing(r) for r in (polygon.exterior, *polygon.holes)) if p is not None), None)
     if bad is None:
         return [polygon]
-    try:
-        import shapely
-        from shapely.geometry import Polygon as ShapelyPolygon
-    except ImportError:
-        raise DataError(
-            f"{path}: {where}: the polygon crosses itself near ({bad[0]:.1f}, {bad[1]:.1f}); fix it in QuPath/ASAP, "
-            "or install shapely to have it repaired (shapely.make_valid)"
-        ) from None
     fixed = shapely.make_valid(ShapelyPolygon(polygon.exterior, polygon.holes))
     parts = [g for g in getattr(fixed, "geoms", [fixed]) if g.geom_type in ("Polygon", "MultiPolygon")]
     parts = [q for g in parts for q in getattr(g, "geoms", [g]) if not q.is_empty]
@@ -173,16 +166,13 @@ def _geometry_polygons(geometry, path, where: str) -> list[list]:
     raise DataError(f"{path}: {where}: unknown geometry type {kind!r}")
 
 
-def read_geojson(path: str | os.PathLike) -> list[Polygon]:
-    """QuPath's GeoJSON export: a FeatureCollection, a list of Features, or one Feature.
-
-    The class is ``properties.classification.name``, else ``properties.name``; a feature with neither is
-    an error. Polygon and MultiPolygon (with holes) are read; points and lines are skipped with a warning.
-    """
+def geojson_features(path: str | os.PathLike, what: str) -> list:
+    """The features of a GeoJSON file (a FeatureCollection, a list of Features, or one Feature), as QuPath writes
+    them; a missing or malformed file is a DataError naming it as ``what``."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DataError(f"{path}: annotation file not found") from None
+        raise DataError(f"{path}: {what} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid GeoJSON ({e})") from e
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
@@ -195,6 +185,16 @@ def read_geojson(path: str | os.PathLike) -> list[Polygon]:
         raise DataError(f"{path}: expected a GeoJSON FeatureCollection, a Feature or a list of Features")
     if not isinstance(features, list):
         raise DataError(f"{path}: 'features' must be a list")
+    return features
+
+
+def read_geojson(path: str | os.PathLike) -> list[Polygon]:
+    """QuPath's GeoJSON export: a FeatureCollection, a list of Features, or one Feature.
+
+    The class is ``properties.classification.name``, else ``properties.name``; a feature with neither is
+    an error. Polygon and MultiPolygon (with holes) are read; points and lines are skipped with a warning.
+    """
+    features = geojson_features(path, "annotation file")
     out = []
     for i, feature in enumerate(features):
         where = f"feature {i}"

@@ -25,6 +25,7 @@ from skimage.measure import label
 
 from ..atomic import atomic_output
 from ..constants import PALETTE
+from ..data.annotations import geojson_features
 from ..errors import DataError
 from ..wsi.outputs import label_polygons
 from .multires import MultiResSAM
@@ -65,16 +66,7 @@ def read_prompts(path: str | os.PathLike, class_name: str = "object") -> list[Pr
     """Prompts of a QuPath GeoJSON: a rectangle (any polygon: its bounding box) is a box, a point a point prompt, a
     multi-point one prompt with several points; other geometries are skipped. The class is the feature's
     classification, else ``class_name``. No usable prompt is a DataError naming the file."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: prompt file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid GeoJSON ({e})") from e
-    features = data.get("features") if isinstance(data, dict) and data.get("type") == "FeatureCollection" else data
-    features = [features] if isinstance(features, dict) else features
-    if not isinstance(features, list):
-        raise DataError(f"{path}: expected a GeoJSON FeatureCollection, a Feature or a list of Features")
+    features = geojson_features(path, "prompt file")
     prompts = []
     for i, feature in enumerate(features):
         geometry = feature.get("geometry") if isinstance(feature, dict) else None

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine
-from ignite.handlers import ProgressBar
 from monai.data import load_decathlon_datalist
 from monai.losses import DiceLoss
 from skimage.measure import label, regionprops
@@ -33,6 +32,7 @@ from .labeler import load_cams
 from .masks import save_pseudo_mask
 from .multires import MultiResSAM, Region
 from .outputs import Outputs
+from .refine import fit_prompts
 from .rules import Rules
 from .views import ImageSource, Window
 
@@ -213,38 +213,17 @@ class MultiResTrainer:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=1e-4)
 
-        def step(engine: Engine, unit: dict) -> float:
-            pseudo = read_mask(unit["pseudo"])
+        def loss_of(engine: Engine, unit: dict) -> torch.Tensor | None:
             rng = np.random.default_rng([self.seed, engine.state.iteration])
-            loss = self.loss(unit, pseudo, rng)
-            if loss is None:
-                return float("nan")
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            return loss.item()
+            return self.loss(unit, read_mask(unit["pseudo"]), rng)
 
-        trainer = Engine(step)
-        if self.progress_bar:
-            ProgressBar(persist=False).attach(trainer, output_transform=lambda loss: {"loss": loss})
-        order = torch.Generator().manual_seed(self.seed)
-        loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=True, generator=order, collate_fn=_as_is)
-        amp, model.sam.amp = model.sam.amp, False  # fp16 gradients would need a GradScaler; the trained part is small
-        try:
-            trainer.run(loader, max_epochs=self.epochs)
-        finally:
-            model.sam.amp = amp
+        last = fit_prompts(loss_of, optimizer, data, self.epochs, self.seed, model.sam, self.progress_bar)
         model.eval()
         model.save(self.checkpoint)
         logger.info(
-            f"WSI-SAM: {len(data)} regions x {self.epochs} epoch(s), last loss {trainer.state.output:.4f}; "
-            f"saved {self.checkpoint}"
+            f"WSI-SAM: {len(data)} regions x {self.epochs} epoch(s), last loss {last:.4f}; saved {self.checkpoint}"
         )
         return self.checkpoint
-
-
-def _as_is(item):
-    return item
 
 
 class MultiResRefinement:

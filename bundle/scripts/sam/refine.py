@@ -28,8 +28,32 @@ from .rules import Rules
 logger = logging.getLogger(__name__)
 
 
-def _as_is(item):
-    return item
+def fit_prompts(loss_of, optimizer, data: list, epochs: int, seed: int, sam: SegmentAnything, progress_bar: bool):
+    """Train on prompted samples with ignite: ``data`` shuffled per epoch (by ``seed``), one optimizer step per
+    sample on ``loss_of(engine, sample)`` (None: nothing to learn from it), SAM's autocast off meanwhile (fp16
+    gradients would need a GradScaler; the trained parts are small). Shared by the decoder refinement and WSI-SAM.
+    Returns the last loss."""
+
+    def step(engine: Engine, sample) -> float:
+        loss = loss_of(engine, sample)
+        if loss is None:
+            return float("nan")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    trainer = Engine(step)
+    if progress_bar:
+        ProgressBar(persist=False).attach(trainer, output_transform=lambda loss: {"loss": loss})
+    order = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=True, generator=order, collate_fn=lambda x: x)
+    amp, sam.amp = sam.amp, False
+    try:
+        trainer.run(loader, max_epochs=epochs)
+    finally:
+        sam.amp = amp
+    return trainer.state.output
 
 
 class DecoderRefinement:
@@ -110,7 +134,7 @@ class DecoderRefinement:
         decoder = self.sam.mask_decoder.train().requires_grad_(True)
         optimizer = torch.optim.AdamW(decoder.parameters(), lr=self.lr, weight_decay=1e-4)
 
-        def step(engine: Engine, sample) -> float:
+        def loss_of(engine: Engine, sample) -> torch.Tensor:
             item, pseudo, prompts = sample
             embedding = self.embeddings(item)
             rng = self.rules.rng(item["name"], k, engine.state.iteration)
@@ -121,25 +145,10 @@ class DecoderRefinement:
             logits = self.sam.to_image(logits, embedding.frame)
             target, valid = self._targets(pseudo, prompts, pick, logits.device)
             loss = self.dice(torch.sigmoid(logits) * valid, target * valid)
-            loss = loss + F.binary_cross_entropy_with_logits(logits, target, weight=valid)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            return loss.item()
+            return loss + F.binary_cross_entropy_with_logits(logits, target, weight=valid)
 
-        trainer = Engine(step)
-        if self.progress_bar:
-            ProgressBar(persist=False).attach(trainer, output_transform=lambda loss: {"loss": loss})
-        order = torch.Generator().manual_seed(self.rules.seed + k)
-        loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=True, generator=order, collate_fn=_as_is)
-        amp, self.sam.amp = self.sam.amp, False  # fp16 gradients would need a GradScaler; the decoder is small
-        try:
-            trainer.run(loader, max_epochs=self.epochs)
-        finally:
-            self.sam.amp = amp
-        logger.info(
-            f"refinement round {k}: {len(data)} images x {self.epochs} epoch(s), last loss {trainer.state.output:.4f}"
-        )
+        last = fit_prompts(loss_of, optimizer, data, self.epochs, self.rules.seed + k, self.sam, self.progress_bar)
+        logger.info(f"refinement round {k}: {len(data)} images x {self.epochs} epoch(s), last loss {last:.4f}")
         decoder.eval()
 
     @staticmethod
