@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import GaussianSmooth
 from torch import nn
 
 from ..atomic import atomic_output
 from ..errors import DataError
+from ..sam.labeler import ImageHandler
 from ..sam.masks import cam_pseudo_mask, save_pseudo_mask
 from ..sam.outputs import write_mask_datalist
 
@@ -97,7 +97,7 @@ class FusedMaps:
         return maps.clamp(0, 1)
 
 
-class MILLabelHandler:
+class MILLabelHandler(ImageHandler):
     """ignite handler of an evaluator whose inferer is :class:`FusedMaps` and whose loader gives :meth:`pending` items
     one per batch, unaugmented: per image it keeps the tagged classes of the (smoothed) fused map and writes the map
     and the pseudo-mask (:func:`scripts.sam.masks.cam_pseudo_mask` at ``threshold``).
@@ -108,25 +108,18 @@ class MILLabelHandler:
         threshold: the map value in (0, 1] a pixel's best tagged class must reach; below it the pixel is ignore.
     """
 
+    what = "MIL pseudo-masks"
+
     def __init__(self, items: Sequence[dict], output_dir: str | os.PathLike, threshold: float = 0.5):
         if not 0 < threshold <= 1:
             raise DataError(f"MIL pseudo-masks need 0 < threshold <= 1, got {threshold}")
         self.items, self.out, self.threshold = list(items), MILOutputs(output_dir), float(threshold)
 
-    def pending(self) -> list[dict]:
-        """Items without their pseudo-mask; a resumed run processes only these."""
-        todo = [item for item in self.items if not self.out.mask(item["name"]).exists()]
-        logger.info(f"MIL pseudo-masks: {len(self.items) - len(todo)} of {len(self.items)} done, {len(todo)} to go")
-        return todo
+    def done(self, item: dict) -> bool:
+        return self.out.mask(item["name"]).exists()
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        batch, maps = engine.state.batch, engine.state.output["pred"]
-        if len(batch["name"]) != 1:
-            raise DataError(f"MIL pseudo-labels need batch_size 1 (images differ in size), got {len(batch['name'])}")
-        self.label(batch["name"][0], maps[0], batch["label"][0].cpu().numpy().astype(bool))
+    def handle(self, batch: dict, maps: torch.Tensor, tags: np.ndarray) -> None:
+        self.label(batch["name"][0], maps[0], tags)
 
     def label(self, name: str, maps: torch.Tensor, tags: np.ndarray) -> np.ndarray:
         """``maps`` (C, H, W) fused probabilities; returns the pseudo-mask written (the mask last: it marks done)."""

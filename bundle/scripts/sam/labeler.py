@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from ignite.engine import Engine, Events
 
 from ..atomic import atomic_output
@@ -29,7 +30,37 @@ def load_cams(path: Path) -> np.ndarray:
     return np.load(path).astype(np.float32) / 255
 
 
-class PseudoLabelHandler:
+class ImageHandler:
+    """The resumable per-image part of a labelling stage: an ignite handler for an evaluator whose loader gives
+    :meth:`pending` items one per batch (whole images differ in size). Subclasses say when an item is ``done`` (its
+    last-written file exists) and what a batch's ``pred`` becomes (:meth:`handle`); ``what`` names them in logs."""
+
+    what = "pseudo-labels"
+    items: list[dict]
+
+    def done(self, item: dict) -> bool:
+        raise NotImplementedError
+
+    def pending(self) -> list[dict]:
+        """Items without all their outputs; a resumed run processes only these."""
+        todo = [item for item in self.items if not self.done(item)]
+        logger.info(f"{self.what}: {len(self.items) - len(todo)} of {len(self.items)} images done, {len(todo)} to go")
+        return todo
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        batch = engine.state.batch
+        if len(batch["name"]) != 1:
+            raise DataError(f"{self.what} need batch_size 1 (whole images differ in size), got {len(batch['name'])}")
+        self.handle(batch, engine.state.output["pred"], batch["label"][0].cpu().numpy().astype(bool))
+
+    def handle(self, batch: dict, pred: torch.Tensor, tags: np.ndarray) -> None:
+        raise NotImplementedError
+
+
+class PseudoLabelHandler(ImageHandler):
     """ignite handler for an evaluator whose inferer is :class:`scripts.cam.maps.WholeImageCAM` and whose loader gives
     :meth:`pending` items one per batch, with no augmentation (masks belong to the image as stored). Per image it
     writes the CAM, the CAM-only mask of every layer and the SAM pseudo-mask of round 0.
@@ -60,22 +91,7 @@ class PseudoLabelHandler:
         paths = [self.out.cam(name), self.out.sam(name, 0), *(self.out.layer(name, i) for i in range(self.num_layers))]
         return all(p.exists() for p in paths)
 
-    def pending(self) -> list[dict]:
-        """Items without all their outputs; a resumed run processes only these."""
-        todo = [item for item in self.items if not self.done(item)]
-        logger.info(f"pseudo-labels: {len(self.items) - len(todo)} of {len(self.items)} images done, {len(todo)} to go")
-        return todo
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        batch, cams = engine.state.batch, engine.state.output["pred"]
-        if len(batch["name"]) != 1:
-            raise DataError(
-                f"pseudo-labelling needs batch_size 1 (whole images differ in size), got {len(batch['name'])}"
-            )
-        tags = batch["label"][0].cpu().numpy().astype(bool)
+    def handle(self, batch: dict, cams: torch.Tensor, tags: np.ndarray) -> None:
         if cams.shape[1] != self.num_layers:
             raise DataError(f"the CAM inferer gave {cams.shape[1]} layers, the handler expects {self.num_layers}")
         image = batch["image"][0].permute(1, 2, 0).cpu().numpy().astype(np.uint8)
