@@ -71,9 +71,21 @@ def test_the_teacher_is_scored_against_the_broadcast_tag():
     untagged_on[0, :, 1] = 20  # an untagged class lit everywhere: the MIL negative is violated
     tagged_off = right.clone()
     tagged_off[0, :, 0] = -20  # a tagged class dark everywhere
-    assert loss(untagged_on, tags) > 0.9 and loss(tagged_off, tags) > 0.9  # one (image, class) of four, in 4 outputs
+    # one (image, class) of four, in 4 outputs: the class's batch Dice (2 x 20 + 1) / (40 + 20 + 1) (smoothing 1; a false
+    # positive as large as its 20 true pixels), the other class's 1
+    assert loss(untagged_on, tags) == pytest.approx(4 * (1 - 41 / 61) / 2, abs=1e-4)
+    assert loss(tagged_off, tags) == pytest.approx(4 * (1 - 1 / 21) / 2, abs=1e-4)  # class 0: no true pixel left
     with pytest.raises(DataError, match="do not fit"):
         loss(right[:, 0], tags)
+
+
+def test_an_untagged_patch_is_pushed_down_as_hard_as_a_tagged_one_up():
+    """The MIL negatives must teach: per image, a lit all-zero target's Dice is flat (gradient 1/5600 of a tagged
+    patch's), and with most patches tagged the maps saturate; over the batch both are of one order."""
+    logits = torch.full((2, 4, 1, 112, 112), 2.2, requires_grad=True)  # every output at p = 0.9
+    TagDiceLoss()(logits, torch.tensor([[1], [0]])).backward()
+    tagged, untagged = logits.grad[0].abs().mean(), logits.grad[1].abs().mean()
+    assert untagged > 0.2 * tagged > 0
 
 
 def test_confident_labels_keep_sure_pixels_of_both_sides():
