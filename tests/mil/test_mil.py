@@ -71,8 +71,8 @@ def test_the_teacher_is_scored_against_the_broadcast_tag():
     untagged_on[0, :, 1] = 20  # an untagged class lit everywhere: the MIL negative is violated
     tagged_off = right.clone()
     tagged_off[0, :, 0] = -20  # a tagged class dark everywhere
-    # one (image, class) of four, in 4 outputs: the class's batch Dice (2 x 20 + 1) / (40 + 20 + 1) (smoothing 1; a false
-    # positive as large as its 20 true pixels), the other class's 1
+    # one (image, class) of four, in 4 outputs: the class's batch Dice (2 x 20 + 1) / (40 + 20 + 1) (smoothing 1; a
+    # false positive as large as its 20 true pixels), the other class's 1
     assert loss(untagged_on, tags) == pytest.approx(4 * (1 - 41 / 61) / 2, abs=1e-4)
     assert loss(tagged_off, tags) == pytest.approx(4 * (1 - 1 / 21) / 2, abs=1e-4)  # class 0: no true pixel left
     with pytest.raises(DataError, match="do not fit"):
