@@ -4,7 +4,7 @@ backends, and peak memory against slide area.
 One run (about 4-6 minutes on 2 busy CPU cores, slide generation included):
 
     OMP_NUM_THREADS=1 python benchmarks/slide_inference.py [--work /tmp/wsss_bench] [--roi 128] [--device cpu] \
-        [--checkpoint bundle/models/model.pt] [--backends torch onnxruntime openvino]
+        [--checkpoint bundle/models/model.pt] [--backends torch onnxruntime openvino openvino:bf16]
 
 1. Generates two synthetic pyramidal slides (JPEG tiles, 0.25 um/px, about 30 % tissue): 20480 x 20480 and a quarter
    of that area, 10240 x 10240 (kept in ``--work`` for reruns). The tissue is rendered by ``scripts.data.render`` at
@@ -12,7 +12,8 @@ One run (about 4-6 minutes on 2 busy CPU cores, slide generation included):
 2. Infers the large slide at the model's 1 um/px (pyramid level 2, a 5120 x 5120 grid) with the bundle's network
    (FlexibleUNet + EfficientNet-Lite0; ``--checkpoint``'s weights, else random weights: speed does not depend on
    them), ``--roi`` windows (default 128, the demo's training patch size), overlap 0.25, once per ``--backends``
-   entry (:func:`scripts.export.exported`: PyTorch, or the ONNX export in ONNX Runtime / OpenVINO):
+   entry (:func:`scripts.export.exported`: PyTorch, or the ONNX export in ONNX Runtime / OpenVINO; ``NAME:bf16`` is
+   that backend at ``precision="bf16"``):
    (a) ours (:class:`scripts.wsi.inference.SlideInference`: tissue tiles only, DataLoader worker, batched Gaussian
    sliding window, all outputs written); (b) a naive loop over the same window grid (PyTorch): OpenSlide
    ``read_region`` per window, batch 1, every window of the slide, reading and network one after the other; (c) ours'
@@ -49,7 +50,7 @@ from monai.networks.nets import FlexibleUNet  # noqa: E402
 import scripts.seg.net  # noqa: E402,F401  (registers efficientnet-lite0)
 from scripts.checkpoints import checkpoint_classes, load_network  # noqa: E402
 from scripts.data.render import CLASSES, make_slide_array  # noqa: E402
-from scripts.export import BACKENDS, exported  # noqa: E402
+from scripts.export import BACKENDS, PRECISIONS, exported  # noqa: E402
 from scripts.wsi.inference import SlideInference  # noqa: E402
 from scripts.wsi.pyramid_tiff import write_pyramidal_tiff  # noqa: E402
 
@@ -106,10 +107,11 @@ def network(device, checkpoint: str | None) -> torch.nn.Module:
 
 def ours(device, roi: int, backend: str = "torch", checkpoint: str | None = None, num_workers: int = 1):
     """Slide inference with the input scaling and activation of the bundle's inference.json, the network run by
-    ``backend`` as inference.json's ``slide_inference#network`` runs it."""
+    ``backend`` (``NAME`` or ``NAME:PRECISION``) as inference.json's ``slide_inference#network`` runs it."""
     config = ConfigParser(ConfigParser.load_config_file(BUNDLE / "configs" / "inference.json"))
+    name, _, precision = backend.partition(":")
     return SlideInference(
-        exported(network(device, checkpoint), checkpoint, backend, (roi, roi)),
+        exported(network(device, checkpoint), checkpoint, name, (roi, roi), precision=precision or "fp32"),
         SlidingWindowInferer(roi, SW_BATCH, OVERLAP, mode="gaussian"),
         checkpoint_classes(checkpoint) or CLASSES,
         config.get_parsed_content("scale_intensity"),
@@ -211,12 +213,13 @@ def peak_rss(args, path: Path, out: Path, backend: str) -> dict:
 
 def main() -> None:
     installed = [b for b in BACKENDS if b == "torch" or importlib.util.find_spec(b)]
+    choices = [*BACKENDS, *(f"{b}:{p}" for b in BACKENDS for p in PRECISIONS if p != "fp32")]
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="/tmp/wsss_bench")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--roi", type=int, default=128, help="the network's input (window) size")
     parser.add_argument("--checkpoint", default=None, help="a trained model.pt (default: random weights)")
-    parser.add_argument("--backends", nargs="+", default=installed, choices=BACKENDS, help="the first is the baseline")
+    parser.add_argument("--backends", nargs="+", default=installed, choices=choices, help="the first is the baseline")
     parser.add_argument("--naive-windows", type=int, default=None, help="time the naive loop on this many windows only")
     parser.add_argument("--rss-child", nargs=2, metavar=("SLIDE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -63,6 +63,32 @@ def test_same_logits_as_pytorch_at_any_batch_and_size(tmp_path, backend):
         assert torch.allclose(net(x), torch_logits(ckpt, x), atol=1e-5)
 
 
+@RUNTIMES[1].marks[0]
+def test_openvino_bf16_where_the_cpu_has_it_and_fp32_with_a_warning_where_not(tmp_path, monkeypatch, caplog):
+    import openvino
+
+    ckpt = checkpoint(tmp_path / "model.pt", 0)
+    x = torch.rand(2, 3, 32, 32)
+    reference = torch_logits(ckpt, x)
+    native = "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    net = exported(TinyNet(), ckpt, "openvino", roi_size=(32, 32), precision="bf16")
+    assert net.precision == ("bf16" if native else "fp32")
+    error = (net(x) - reference).abs().max()
+    assert error < 0.05 * reference.abs().max()  # bfloat16 keeps 8 bits of mantissa: close, not equal
+    if native:
+        assert error > 1e-6  # bf16 really ran: fp32 would match to rounding
+
+    class CoreWithoutBF16(openvino.Core):  # a CPU without native bfloat16
+        def get_property(self, device, name):
+            return ["FP32"] if name == "OPTIMIZATION_CAPABILITIES" else super().get_property(device, name)
+
+    monkeypatch.setattr(openvino, "Core", CoreWithoutBF16)
+    with caplog.at_level(logging.WARNING, logger="scripts.export"):
+        net = exported(TinyNet(), ckpt, "openvino", roi_size=(32, 32), precision="bf16")
+    assert net.precision == "fp32" and "no native bfloat16" in caplog.text
+    assert torch.allclose(net(x), reference, atol=1e-5)
+
+
 def test_torch_backend_is_the_network_itself(tmp_path):
     net = TinyNet()
     assert exported(net, tmp_path / "model.pt", "torch") is net
@@ -121,6 +147,11 @@ def test_bad_settings_are_one_line_errors(tmp_path, monkeypatch):
         exported(TinyNet(), tmp_path / "missing.pt", "onnxruntime")
     with pytest.raises(DataError, match="model.pt: not a segmentation model checkpoint"):
         exported(nn.Conv2d(3, 2, 1), ckpt, "onnxruntime")
+    with pytest.raises(DataError, match="unknown inference precision 'fp16'"):
+        exported(TinyNet(), ckpt, "openvino", precision="fp16")
+    for backend in ("torch", "onnxruntime"):
+        with pytest.raises(DataError, match=f"precision 'bf16' needs backend 'openvino'; backend '{backend}'"):
+            exported(TinyNet(), ckpt, backend, precision="bf16")
 
     real_import = importlib.import_module
     monkeypatch.setattr(

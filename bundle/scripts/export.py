@@ -8,11 +8,16 @@ like the PyTorch network: a float tensor in, logits out.
 The export is written once, atomically, beside its checkpoint (``model.pt`` -> ``model.onnx``) by MONAI's
 ``convert_to_onnx``, with dynamic batch and spatial axes, and carries the SHA-256 of the checkpoint it was made from
 in its metadata: an export of another checkpoint is rebuilt (with a log line), never used.
+
+``precision="bf16"`` lets OpenVINO run the network in bfloat16 on a CPU that computes it natively (AMX or AVX512-BF16,
+e.g. Xeon Sapphire Rapids and later): 3.2x its fp32 speed on such a CPU (measured: the experiments log), with labels
+checked against fp32 there. A CPU without it runs fp32, with a warning.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib
 import logging
@@ -33,6 +38,7 @@ log = logging.getLogger(__name__)
 # backend -> the package that runs it and the requirements file that installs it
 RUNTIMES = {"onnxruntime": ("onnxruntime", "requirements.txt"), "openvino": ("openvino", "requirements-openvino.txt")}
 BACKENDS = ("torch", *RUNTIMES)
+PRECISIONS = ("fp32", "bf16")
 STAMP = "checkpoint_sha256"  # the export's metadata key for the hash of its checkpoint
 OPSET = 17
 
@@ -43,6 +49,7 @@ def exported(
     backend: str = "torch",
     roi_size=(256, 256),
     in_channels: int = 3,
+    precision: str = "fp32",
 ) -> nn.Module:
     """``network`` as ``backend`` runs it: itself for ``"torch"``, else the ONNX export of ``checkpoint``'s weights
     (the file beside it, rebuilt when it records another checkpoint's hash) in that runtime.
@@ -54,10 +61,15 @@ def exported(
         backend: ``"torch"``, ``"onnxruntime"`` or ``"openvino"``.
         roi_size: the spatial size of the example input the export is traced with (the axes stay dynamic).
         in_channels: the network's input channels.
+        precision: ``"fp32"``, or ``"bf16"`` (``openvino`` only; see the module docstring).
 
     Returns:
         A module: B x in_channels x H x W float to B x C x H x W logits, on the input's device.
     """
+    if precision not in PRECISIONS:
+        raise DataError(f"unknown inference precision {precision!r}; choose one of {list(PRECISIONS)}")
+    if precision != "fp32" and backend != "openvino":
+        raise DataError(f"precision {precision!r} needs backend 'openvino'; backend {backend!r} runs fp32")
     if backend == "torch":
         return network
     if backend not in RUNTIMES:
@@ -70,7 +82,7 @@ def exported(
             f"backend {backend!r} needs the {package} package, which is not installed: pip install -r {requirements}"
         ) from None
     example = torch.rand(1, in_channels, *roi_size)
-    run = OnnxRuntimeNetwork if backend == "onnxruntime" else OpenVINONetwork
+    run = OnnxRuntimeNetwork if backend == "onnxruntime" else functools.partial(OpenVINONetwork, precision=precision)
     if checkpoint is None:
         log.warning("no checkpoint: exporting the randomly initialised network to a temporary file")
         with tempfile.TemporaryDirectory() as folder:
@@ -153,12 +165,21 @@ class OnnxRuntimeNetwork(nn.Module):
 
 
 class OpenVINONetwork(nn.Module):
-    """An ONNX file compiled by OpenVINO for the CPU with torch's thread count, fp32 (no bf16/fp16 hint)."""
+    """An ONNX file compiled by OpenVINO for the CPU with torch's thread count, in fp32 or (where the CPU computes it
+    natively) bf16; fp16 is never used."""
 
-    def __init__(self, runtime, path: Path):
+    def __init__(self, runtime, path: Path, precision: str = "fp32"):
         super().__init__()
-        config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "INFERENCE_PRECISION_HINT": "f32"}
-        self.request = runtime.Core().compile_model(str(path), "CPU", config).create_infer_request()
+        core = runtime.Core()
+        hint = "f32"
+        if precision == "bf16":
+            if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+                hint = "bf16"
+            else:
+                log.warning("precision bf16: this CPU has no native bfloat16 (AMX or AVX512-BF16); OpenVINO runs fp32")
+        config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "INFERENCE_PRECISION_HINT": hint}
+        self.precision = "bf16" if hint == "bf16" else "fp32"
+        self.request = core.compile_model(str(path), "CPU", config).create_infer_request()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.request.infer({0: _numpy(x)})[0]
