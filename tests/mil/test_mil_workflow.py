@@ -78,7 +78,9 @@ def test_teacher_and_student_write_pseudo_masks_in_the_bundle_contract(tiny_demo
         assert maps.shape == (len(classes), *mask.shape) and (maps[~tags[name]] == 0).all()
         # the rule, from the stored (smoothed) map: the best tagged class where it reaches 0.5, else ignore
         best, top = maps.argmax(0), maps.max(0)
-        assert (mask[top >= 128] == best[top >= 128]).all() and (mask[top < 127] == IGNORE).all()
+        unique = (maps == top).sum(0) == 1  # the stored maps are uint8: where two classes tie, float decided
+        sure = (top >= 128) & unique
+        assert (mask[sure] == best[sure]).all() and (mask[top < 127] == IGNORE).all()
 
 
 def test_an_interrupted_run_resumes_without_training_the_teacher_again(tiny_demo, tmp_path):
