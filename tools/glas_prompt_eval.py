@@ -34,7 +34,7 @@ from scripts.checkpoints import read_state  # noqa: E402
 from scripts.images import read_mask  # noqa: E402
 from scripts.sam.model import Embedding, load_sam  # noqa: E402
 from scripts.sam.multires import MultiResSAM, Region, load_multires  # noqa: E402
-from scripts.sam.multires_train import RegionReader  # noqa: E402
+from scripts.sam.multires_train import RegionReader, move_box_edges, points_inside  # noqa: E402
 from scripts.seg.metrics import confusion_matrix, scores  # noqa: E402
 
 POINTS = (3, 5, 10)
@@ -44,13 +44,10 @@ def gland_prompts(instances: np.ndarray, rng: np.random.Generator, jitter: float
     """Per gland instance: ``{"box", "jittered box", "3 points", ...}`` as (boxes, points, labels), and the targets."""
     glands = regionprops(instances)
     boxes = np.array([[r.bbox[0], r.bbox[1], r.bbox[2] - 1, r.bbox[3] - 1] for r in glands], np.float64)
-    side = np.concatenate([boxes[:, 2:] - boxes[:, :2] + 1] * 2, axis=1)
-    limit = np.array([*instances.shape, *instances.shape]) - 1
-    moved = np.clip(boxes + rng.uniform(-jitter, jitter, boxes.shape) * side, 0, limit)
-    moved = np.concatenate([np.minimum(moved[:, :2], moved[:, 2:]), np.maximum(moved[:, :2], moved[:, 2:])], axis=1)
+    moved = move_box_edges(boxes, rng.uniform(-jitter, jitter, boxes.shape), instances.shape)
     prompts = {"box": (boxes, None, None), "jittered box": (moved, None, None)}
     for k in POINTS:
-        points = np.stack([r.coords[rng.choice(len(r.coords), k, replace=len(r.coords) < k)] for r in glands])
+        points = np.stack([points_inside(r.coords, rng, k) for r in glands])
         prompts[f"{k} points"] = (None, points.astype(np.float64), np.ones((len(glands), k), np.int64))
     return prompts, np.stack([instances == r.label for r in glands])
 

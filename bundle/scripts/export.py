@@ -171,14 +171,12 @@ class OpenVINONetwork(nn.Module):
     def __init__(self, runtime, path: Path, precision: str = "fp32"):
         super().__init__()
         core = runtime.Core()
-        hint = "f32"
-        if precision == "bf16":
-            if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-                hint = "bf16"
-            else:
-                log.warning("precision bf16: this CPU has no native bfloat16 (AMX or AVX512-BF16); OpenVINO runs fp32")
+        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            log.warning("precision bf16: this CPU has no native bfloat16 (AMX or AVX512-BF16); OpenVINO runs fp32")
+            precision = "fp32"
+        self.precision = precision
+        hint = {"fp32": "f32", "bf16": "bf16"}[precision]  # OpenVINO's names
         config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "INFERENCE_PRECISION_HINT": hint}
-        self.precision = "bf16" if hint == "bf16" else "fp32"
         self.request = core.compile_model(str(path), "CPU", config).create_infer_request()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

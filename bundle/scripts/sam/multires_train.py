@@ -82,6 +82,20 @@ class RegionReader:
         return source.read(window), window, source.read(window.context())
 
 
+def move_box_edges(boxes, offsets, shape) -> np.ndarray:
+    """HQ-SAM's noisy boxes: boxes (..., 4) (y0, x0, y1, x1), end inclusive, with every edge moved by its ``offsets``
+    (..., 4) times the box's side, clipped to an image of ``shape`` (h, w), re-ordered so that y0 <= y1, x0 <= x1."""
+    boxes = np.asarray(boxes, np.float64)
+    side = np.concatenate([boxes[..., 2:] - boxes[..., :2] + 1] * 2, axis=-1)
+    moved = np.clip(boxes + offsets * side, 0, np.array([*shape, *shape]) - 1)
+    return np.concatenate([np.minimum(moved[..., :2], moved[..., 2:]), np.maximum(moved[..., :2], moved[..., 2:])], -1)
+
+
+def points_inside(coords: np.ndarray, rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` of a region's pixel ``coords`` (K, 2) drawn at random, repeating pixels only when it has fewer than n."""
+    return coords[rng.choice(len(coords), n, replace=len(coords) < n)]
+
+
 def component_prompts(
     pseudo: np.ndarray,
     classes: Sequence[int],
@@ -105,11 +119,8 @@ def component_prompts(
     boxes, points, targets = [], [], []
     for r in found:
         y0, x0, y1, x1 = r.bbox
-        side = np.array([y1 - y0, x1 - x0, y1 - y0, x1 - x0], np.float64)
-        box = np.array([y0, x0, y1 - 1, x1 - 1]) + rng.uniform(-1, 1, 4) * box_noise * side
-        box = np.clip(box, 0, [h - 1, w - 1, h - 1, w - 1])
-        boxes.append(np.concatenate([np.minimum(box[:2], box[2:]), np.maximum(box[:2], box[2:])]))
-        points.append(r.coords[rng.choice(len(r.coords), n_points, replace=len(r.coords) < n_points)])
+        boxes.append(move_box_edges([y0, x0, y1 - 1, x1 - 1], rng.uniform(-1, 1, 4) * box_noise, (h, w)))
+        points.append(points_inside(r.coords, rng, n_points))
         target = np.zeros((h, w), bool)
         target[tuple(r.coords.T)] = True
         targets.append(target)
