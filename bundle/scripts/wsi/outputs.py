@@ -39,8 +39,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import shapely
 from PIL import Image, ImageDraw, ImageFont
-from skimage.measure import approximate_polygon, find_contours, points_in_poly
+from skimage.measure import find_contours, points_in_poly
 
 from ..constants import IGNORE, NO_TISSUE, PALETTE
 from ..data.annotations import Polygon
@@ -58,6 +59,7 @@ OUTPUTS = {
     "summary": "_summary.json",
 }
 THUMBNAIL = 1024  # longest side of the overlay
+READ_BYTES = 1 << 22  # at most this much is read at once from a LabelStore (whole row spans, cut to the block)
 LOCK = "lock"  # in a slide's partial folder: held (flock) by the run writing it, with that run's process id
 
 log = logging.getLogger(__name__)
@@ -130,8 +132,12 @@ class LabelStore:
         y0, y1, _ = rows.indices(self.shape[0])
         x0, x1, _ = cols.indices(self.shape[1])
         out = np.empty((max(0, y1 - y0), max(0, x1 - x0)), np.uint8)
-        for i in range(out.shape[0]):
-            out[i] = np.frombuffer(os.pread(self._fd, out.shape[1], (y0 + i) * self.shape[1] + x0), np.uint8)
+        width, (height, w) = self.shape[1], out.shape
+        step = max(1, READ_BYTES // width)  # rows per read: one pread for the span, not one per row
+        for i in range(0, height if w else 0, step):
+            n = min(step, height - i)
+            data = os.pread(self._fd, (n - 1) * width + w, (y0 + i) * width + x0) + bytes(width - w)
+            out[i : i + n] = np.frombuffer(data, np.uint8).reshape(n, width)[:, :w]
         return out
 
     def close(self) -> None:
@@ -396,6 +402,20 @@ def check_free_space(output_dir: str | os.PathLike, slide: str, needs: dict[str,
         )
 
 
+def simplified(rings: list[np.ndarray], tolerance: float) -> list[np.ndarray]:
+    """Each N x 2 ring simplified by Douglas-Peucker within ``tolerance`` (its first and last points kept), all rings in
+    one call of GEOS (shapely) rather than a Python loop a ring (skimage ``approximate_polygon``)."""
+    if not rings:
+        return []
+    lines = shapely.linestrings(
+        np.concatenate(rings), indices=np.repeat(np.arange(len(rings)), [len(r) for r in rings])
+    )
+    coords, index = shapely.get_coordinates(
+        shapely.simplify(lines, tolerance, preserve_topology=False), return_index=True
+    )
+    return np.split(coords, np.cumsum(np.bincount(index, minlength=len(rings)))[:-1])
+
+
 def label_polygons(
     labels: np.ndarray,
     classes: list[str],
@@ -418,8 +438,8 @@ def label_polygons(
         if not mask.any():
             continue
         outers, holes = [], []
-        for ring in find_contours(mask, 0.5, positive_orientation="high"):
-            ring = approximate_polygon(ring, tolerance)[:-1]  # find_contours repeats the first point at the end
+        for ring in simplified(find_contours(mask, 0.5, positive_orientation="high"), tolerance):
+            ring = ring[:-1]  # find_contours repeats the first point at the end
             rows, cols = ring[:, 0], ring[:, 1]
             area = 0.5 * float(np.dot(cols, np.roll(rows, -1)) - np.dot(rows, np.roll(cols, -1)))
             if abs(area) < min_area or len(ring) < 3:
@@ -489,9 +509,10 @@ def overlay_png(
         draw.rectangle([x, height + 6, x + 16, height + 22], fill=tuple(_colour(classes, name)), outline=(0, 0, 0))
         draw.text((x + 22, height + 6), name, fill=(0, 0, 0), font=font)
         x += 40 + int(draw.textlength(name, font=font))
-    # 256 colours (a third of the bytes): 200 for the picture, the class colours and a grey ramp for the legend
+    # 256 colours (a third of the bytes): 200 for the picture, the class colours and a grey ramp for the legend; fast
+    # octree: measured 14x faster than median cut on a 1024-px thumbnail, mean error 1.0 grey level against 0.6
     picture = canvas.crop((0, 0, width, height)).quantize(
-        200, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE
+        200, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE
     )
     grey = [v for g in np.linspace(0, 255, 56 - len(classes)).astype(int).tolist() for v in (g, g, g)]
     colours = [v for name in classes for v in _colour(classes, name)]
@@ -500,9 +521,10 @@ def overlay_png(
     canvas.quantize(palette=palette, dither=Image.Dither.NONE).save(path, format="PNG", optimize=True)
 
 
-def write_json(path: str | os.PathLike, data) -> None:
+def write_json(path: str | os.PathLike, data, indent: int | None = 1) -> None:
+    """``indent=None`` for big files (GeoJSON): only then does ``json`` use its C encoder (measured 10x faster)."""
     with writing(path), open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
+        json.dump(data, f, indent=indent)
 
 
 def output_paths(output_dir: str | os.PathLike, name: str) -> dict[str, Path]:
@@ -565,7 +587,7 @@ def write_maps(paths: dict, plan: Plan, labels, reduced: np.ndarray, classes: li
         )
     height0, width0 = (int(v) for v in plan.reader.get_size(plan.wsi, 0))
     polygons = label_polygons(reduced, classes, prob_downsample * grid.downsample, (width0, height0))
-    write_json(paths["geojson"], geojson(polygons, classes))
+    write_json(paths["geojson"], geojson(polygons, classes), indent=None)
     thumbnail, _ = read_lowres(plan.reader, plan.wsi, max(1.0, max(height0, width0) / THUMBNAIL))
     with writing(paths["overlay"]):
         overlay_png(paths["overlay"], thumbnail, reduced, classes)
