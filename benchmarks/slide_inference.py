@@ -11,9 +11,9 @@ One run (about 4-6 minutes on 2 busy CPU cores, slide generation included):
    1 um/px and level 0 repeats each pixel 4 x 4, so the generation streams and stays within a few GB.
 2. Infers the large slide at the model's 1 um/px (pyramid level 2, a 5120 x 5120 grid) with the bundle's network
    (FlexibleUNet + EfficientNet-Lite0; ``--checkpoint``'s weights, else random weights: speed does not depend on
-   them), ``--roi`` windows (default 128, the demo's training patch size), overlap 0.25, once per ``--backends``
-   entry (:func:`scripts.export.exported`: PyTorch, or the ONNX export in ONNX Runtime / OpenVINO; ``NAME:bf16`` is
-   that backend at ``precision="bf16"``):
+   them), ``--roi`` windows (default 128, the demo's training patch size) with inference.json's overlap and windows
+   per call, once per ``--backends`` entry (:func:`scripts.export.exported`: PyTorch, or the ONNX export in ONNX
+   Runtime / OpenVINO; ``NAME:bf16`` is that backend at ``precision="bf16"``):
    (a) ours (:class:`scripts.wsi.inference.SlideInference`: tissue tiles only, DataLoader worker, batched Gaussian
    sliding window, all outputs written); (b) a naive loop over the same window grid (PyTorch): OpenSlide
    ``read_region`` per window, batch 1, every window of the slide, reading and network one after the other; (c) ours'
@@ -44,7 +44,6 @@ sys.path.insert(0, str(BUNDLE))
 
 import tifffile  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
-from monai.inferers import SlidingWindowInferer  # noqa: E402
 from monai.networks.nets import FlexibleUNet  # noqa: E402
 
 import scripts.seg.net  # noqa: E402,F401  (registers efficientnet-lite0)
@@ -55,8 +54,6 @@ from scripts.wsi.inference import SlideInference  # noqa: E402
 from scripts.wsi.pyramid_tiff import write_pyramidal_tiff  # noqa: E402
 
 SLIDE_MPP, MODEL_MPP, RENDER_FACTOR, TISSUE = 0.25, 1.0, 4, 0.3
-OVERLAP = 0.25
-SW_BATCH = 8 if torch.cuda.is_available() else 2  # measured: on CPU, windows beyond 2 per call are slower (cache)
 
 
 class Upsampled:
@@ -109,10 +106,11 @@ def ours(device, roi: int, backend: str = "torch", checkpoint: str | None = None
     """Slide inference with the input scaling and activation of the bundle's inference.json, the network run by
     ``backend`` (``NAME`` or ``NAME:PRECISION``) as inference.json's ``slide_inference#network`` runs it."""
     config = ConfigParser(ConfigParser.load_config_file(BUNDLE / "configs" / "inference.json"))
+    config["roi_size"] = [roi, roi]
     name, _, precision = backend.partition(":")
     return SlideInference(
         exported(network(device, checkpoint), checkpoint, name, (roi, roi), precision=precision or "fp32"),
-        SlidingWindowInferer(roi, SW_BATCH, OVERLAP, mode="gaussian"),
+        config.get_parsed_content("inferer"),  # its windows per call and overlap
         checkpoint_classes(checkpoint) or CLASSES,
         config.get_parsed_content("scale_intensity"),
         config.get_parsed_content("activation"),
@@ -170,13 +168,14 @@ def reading_only(si: SlideInference, path: Path) -> float:
 
 
 def network_only(si: SlideInference, windows: int) -> float:
-    x = torch.rand(SW_BATCH, 3, si.roi, si.roi, device=si.device)
+    batch = si.model.inferer.sw_batch_size
+    x = torch.rand(batch, 3, si.roi, si.roi, device=si.device)
     with torch.inference_mode():
         si.network(x)  # warm-up: a runtime's first call allocates
         start = time.time()
-        for i in range(0, windows, SW_BATCH):
+        for i in range(0, windows, batch):
             with torch.autocast(si.device.type, enabled=si.device.type == "cuda"):
-                torch.softmax(si.network(x[: min(SW_BATCH, windows - i)]).float(), 1).cpu()
+                torch.softmax(si.network(x[: min(batch, windows - i)]).float(), 1).cpu()
     return time.time() - start
 
 
@@ -259,7 +258,8 @@ def main() -> None:
         f"\nslide {large.name}: 20480 x 20480 at {SLIDE_MPP} um/px; inference grid {grid[0]} x {grid[1]} (level "
         f"{summary['level']}, {summary['mpp']} um/px); tissue {tissue_mp:.2f} MP "
         f"({100 * tissue_mp / (grid[0] * grid[1] / 1e6):.0f} % of the grid); device {device}, "
-        f"{torch.get_num_threads()} torch thread(s); windows {si.roi} px, overlap {OVERLAP}, {SW_BATCH} per call; "
+        f"{torch.get_num_threads()} torch thread(s); windows {si.roi} px, overlap {si.model.inferer.overlap}, "
+        f"{si.model.inferer.sw_batch_size} per call; "
         f"weights: {args.checkpoint or 'random'}"
     )
     print(
