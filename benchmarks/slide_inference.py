@@ -15,7 +15,8 @@ One run (about 4-6 minutes on 2 busy CPU cores, slide generation included):
    per call, once per ``--backends`` entry (:func:`scripts.export.exported`: PyTorch, or the ONNX export in ONNX
    Runtime / OpenVINO; ``NAME:bf16`` is that backend at ``precision="bf16"``):
    (a) ours (:class:`scripts.wsi.inference.SlideInference`: tissue tiles only, DataLoader worker, batched Gaussian
-   sliding window, all outputs written); (b) a naive loop over the same window grid (PyTorch): OpenSlide
+   sliding window, all outputs written), timed after a warm-up inference of the small slide, as the second slide of a
+   run is; (b) a naive loop over the same window grid (PyTorch): OpenSlide
    ``read_region`` per window, batch 1, every window of the slide, reading and network one after the other; (c) ours'
    reading alone (the DataLoader over the tissue tiles) and each backend's network alone (as many windows as ours
    inferred, random input). Throughput is tissue megapixels (at the inference grid) per second of wall time for all
@@ -232,7 +233,7 @@ def main() -> None:
     runs = {}
     for backend in args.backends:
         si = ours(device, args.roi, backend, args.checkpoint)
-        si.plan(str(small))  # warm-up: imports, first decode
+        si([small], work / f"warm_{backend}")  # warm-up, as in a run over many slides: the runtime's first calls
         start = time.time()
         summary = si([large], work / f"out_{backend}")[0]
         runs[backend] = {"si": si, "summary": summary, "path": time.time() - start}

@@ -5,15 +5,18 @@ import json
 
 import numpy as np
 import pytest
+import shapely
 import tifffile
 import torch
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import ScaleIntensityRanged
 from PIL import Image
+from skimage.measure import find_contours
 from wsi_fixtures import CLASSES, GLASS, PINK, ColourNet
 
 from scripts.data.annotations import read_geojson
 from scripts.errors import DataError
+from scripts.wsi import outputs
 from scripts.wsi.outputs import LabelStore, output_paths, reduced_labels, slide_summary, write_maps
 from scripts.wsi.plan import TileDataset, plan_slide, tiling
 from scripts.wsi.predict import TileModel, predict
@@ -126,3 +129,35 @@ def test_write_phase_alone(corner_plan, tmp_path):
     assert summary["class_area_mm2"]["gland"] == pytest.approx(150 * 150 * 0.25e-6)
     assert summary["message"] == "4 of 9 tiles inferred, 0.02 tissue MP in 1.2 s"
     assert summary["outputs"]["summary"] == "corner_summary.json" and json.dumps(summary)
+
+
+@pytest.mark.parametrize("read_bytes", [1, 60, 1 << 22])  # a row per read, a few rows per read, all rows at once
+def test_label_store_reads_any_block_as_the_array_would(tmp_path, monkeypatch, read_bytes):
+    monkeypatch.setattr(outputs, "READ_BYTES", read_bytes)
+    array = np.random.default_rng(0).integers(0, 256, (37, 53)).astype(np.uint8)
+    with LabelStore(tmp_path / "labels.raw", 37, 53) as store:
+        store.write(0, 0, array)
+        for rows, cols in [
+            (slice(0, 37), slice(0, 53)),
+            (slice(5, 20), slice(11, 12)),
+            (slice(30, 60), slice(40, 70)),  # past the edges, as the pyramid's last tiles ask
+            (slice(3, 3), slice(0, 5)),
+            (slice(0, 5), slice(9, 9)),
+        ]:
+            assert np.array_equal(store[rows, cols], array[rows, cols])
+
+
+def test_polygon_rings_stay_within_the_tolerance_and_lose_their_collinear_points():
+    labels = np.zeros((60, 60), np.uint8)
+    labels[10:30, 5:50] = 1  # a rectangle: 4 corners after simplification
+    yy, xx = np.mgrid[:60, :60]
+    labels[(yy - 45) ** 2 + (xx - 30) ** 2 < 100] = 1  # a disc: a staircase outline
+    rings = find_contours(np.pad(labels == 1, 1), 0.5)
+    for tolerance in (0.5, 2.0):
+        for ring, simple in zip(rings, outputs.simplified(rings, tolerance)):
+            assert len(simple) < len(ring) and (simple[0] == ring[0]).all() and (simple[-1] == ring[-1]).all()
+            assert shapely.LineString(ring).hausdorff_distance(shapely.LineString(simple)) <= tolerance
+    polygons = outputs.label_polygons(labels, ["stroma", "gland"], 1.0, (60, 60))
+    glands = sorted((p for p in polygons if p.class_name == "gland"), key=lambda p: len(p.exterior))
+    assert len(glands) == 2 and len(glands[0].exterior) == 4  # the rectangle's corners only
+    assert outputs.simplified([], 0.5) == []
