@@ -5,7 +5,8 @@ Measured on 2 CPU cores with these settings (8/4/4 tiles of 256 px, 3 classifier
 8 segmentation epochs; about 75 s a run): test mIoU 0.497 / 0.745 / 0.566 with seeds 0 / 1 / 2; broken on purpose,
 0.329 with an untrained classifier (learning rate 0) and 0.199 with noise for pseudo-masks; the best constant class
 scores 0.220. The floor 0.42 lies between the worst trained seed and the best broken run (margins 0.08 and 0.09);
-the test runs seed 0, the default."""
+the test runs seed 0, the default. The untrained-classifier control re-checks that margin when the floor or the
+pipeline changes (``WSSS_CALIBRATION=1``); CI's 25 minutes leave room for the noise-mask control only."""
 
 import json
 import os
@@ -52,6 +53,11 @@ def test_the_reduced_demo_clears_the_floor_and_noise_masks_do_not(tmp_path):
     assert masks and run_training(root, "--skip", "['classify','pseudo_label']") < FLOOR
 
 
+@pytest.mark.skipif(
+    not os.environ.get("WSSS_CALIBRATION"),
+    reason="calibration control of the floor (a whole reduced run, about 140 s; its margin is in the docstring): "
+    "WSSS_CALIBRATION=1 runs it; the noise-mask control above runs always",
+)
 def test_an_untrained_classifier_does_not_clear_the_floor(tmp_path):
     untrained = ("--settings#classify#learning_rate", "0.0", "--settings#classify#head_lr_factor", "0")
     assert run_training(tmp_path / "run", *untrained) < FLOOR
