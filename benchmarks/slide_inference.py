@@ -21,7 +21,10 @@ One run (about 4-6 minutes on 2 busy CPU cores, slide generation included):
    reading alone (the DataLoader over the tissue tiles) and each backend's network alone (as many windows as ours
    inferred, random input). Throughput is tissue megapixels (at the inference grid) per second of wall time for all
    of them; each backend's labels are compared with PyTorch's on the tissue pixels.
-3. Peak RSS of ours on each slide in a fresh subprocess (main process and DataLoader worker), for PyTorch and the
+3. A run over ``--run-slides`` slides (links to the large one) with the fastest backend, each slide's outputs written
+   while the next slide is predicted (inference.json's ``overlap_writes``, the default) and one phase after the
+   other: seconds per slide, as a user's run over many slides sees them.
+4. Peak RSS of ours on each slide in a fresh subprocess (main process and DataLoader worker), for PyTorch and the
    fastest other backend.
 """
 
@@ -188,6 +191,20 @@ def agreement(summary: dict, reference: dict, out: Path, reference_out: Path) ->
     return float((ours_labels[tissue] == theirs[tissue]).mean())
 
 
+def run_of_slides(si: SlideInference, large: Path, work: Path, count: int, overlap: bool) -> float:
+    """Seconds per slide of one run over ``count`` links to ``large`` (names must differ: they name the outputs)."""
+    paths = []
+    for i in range(count):
+        link = work / f"run_{i}.tif"
+        link.unlink(missing_ok=True)
+        link.symlink_to(large.name)
+        paths.append(link)
+    si.overlap_writes = overlap
+    start = time.time()
+    si(paths, work / f"run_overlap_{overlap}")
+    return (time.time() - start) / count
+
+
 def rss_child(path: str, out: str, device: str, roi: int, backend: str, checkpoint: str | None) -> None:
     """One inference in this process; prints peak RSS (MB) of this process and of its DataLoader worker.
 
@@ -220,6 +237,7 @@ def main() -> None:
     parser.add_argument("--roi", type=int, default=128, help="the network's input (window) size")
     parser.add_argument("--checkpoint", default=None, help="a trained model.pt (default: random weights)")
     parser.add_argument("--backends", nargs="+", default=installed, choices=choices, help="the first is the baseline")
+    parser.add_argument("--run-slides", type=int, default=3, help="slides in the run of (3); 0: skip it")
     parser.add_argument("--naive-windows", type=int, default=None, help="time the naive loop on this many windows only")
     parser.add_argument("--rss-child", nargs=2, metavar=("SLIDE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -247,6 +265,11 @@ def main() -> None:
     )
     t_naive_all = t_naive * total / done
     fastest = min(runs, key=lambda b: runs[b]["path"])
+    per_slide = {
+        overlap: run_of_slides(runs[fastest]["si"], large, work, args.run_slides, overlap)
+        for overlap in (True, False)
+        if args.run_slides
+    }
     rss = {
         (backend, name): peak_rss(args, path, work / f"rss_{backend}_{name}", backend)
         for backend in dict.fromkeys([base, fastest])
@@ -283,6 +306,16 @@ def main() -> None:
     speedup = t_naive_all / runs[base]["path"]
     print(f"    of which reading {100 * t_naive_read / t_naive:.0f} %; speed-up (a, {base})/(b) {speedup:.2f} x")
     print(f"(c) reading only        {t_read:7.1f} s  {rate(t_read):6.3f} tissue MP/s")
+    if per_slide:
+        network_s = runs[fastest]["network"]
+        print(
+            f"(d) a run of {args.run_slides} slides, {fastest}: "
+            + "; ".join(
+                f"{what} {per_slide[overlap]:.1f} s a slide, {rate(per_slide[overlap]):.3f} tissue MP/s, "
+                f"ours/network {network_s / per_slide[overlap]:.2f}"
+                for overlap, what in ((False, "phases one after the other"), (True, "written while the next predicts"))
+            )
+        )
     for backend in dict.fromkeys([base, fastest]):
         small_mb, large_mb = rss[backend, "small"], rss[backend, "large"]
         print(

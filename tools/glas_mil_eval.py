@@ -6,7 +6,14 @@ ground truth, for one or more runs' output folders (e.g. ``label_with`` student 
 - ``miou_argmax``: that arg-max alone (no threshold);
 - ``miou_labelled`` and ``labelled``: ignore pixels left out, and the fraction labelled (what stage 3 learns from).
 
-    python tools/glas_mil_eval.py --datalist GLAS_DATALIST OUT_STUDENT OUT_TEACHER
+``--dev NAME=CHECKPOINT ...`` also scores MIL networks on the dev patches as the MIL literature scores gland patches:
+the gland map (fused, smoothed, > 0.5) of each whole dev image cut to the datalist's patches; over the patches tagged
+gland, the mean gland F1 (Dice) and Hausdorff distance between the boundaries (px; the patch edge bounds a region
+that reaches it; a patch with no predicted gland counts its diagonal), over the untagged ones the mean F1 of the
+non-gland class.
+
+    python tools/glas_mil_eval.py --datalist GLAS_DATALIST OUT_STUDENT OUT_TEACHER \
+        [--dev teacher=OUT/models/mil_teacher_best.pt student=OUT/models/mil_student_best.pt]
 
 Ground truth is read here only, to score; the MIL stage never sees it.
 """
@@ -19,17 +26,22 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from skimage.metrics import hausdorff_distance
+from skimage.segmentation import find_boundaries
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bundle"))
 
 from monai.data import load_decathlon_datalist  # noqa: E402
 
+from scripts.checkpoints import load_network  # noqa: E402
 from scripts.constants import IGNORE  # noqa: E402
 from scripts.data.datalist import read_classes  # noqa: E402
-from scripts.images import read_mask  # noqa: E402
-from scripts.mil.masks import MILOutputs  # noqa: E402
-from scripts.sam.outputs import pseudo_items  # noqa: E402
+from scripts.images import read_mask, read_rgb  # noqa: E402
+from scripts.mil.masks import FusedMaps, MILOutputs  # noqa: E402
+from scripts.sam.outputs import patch_size, pseudo_items  # noqa: E402
 from scripts.seg.metrics import confusion_matrix as confusion  # noqa: E402
 from scripts.seg.metrics import scores  # noqa: E402
 
@@ -55,12 +67,50 @@ def evaluate(datalist: str, output_dir: str) -> dict:
     return report
 
 
+def dev_patches(datalist: str, checkpoint: str, threshold: float = 0.5) -> dict:
+    parser = ConfigParser(ConfigParser.load_config_file(ROOT / "bundle" / "configs" / "common.json"))
+    parser.update({"bundle_root": str(ROOT / "bundle"), "datalist": datalist, "pretrained": False})
+    classes = read_classes(datalist)
+    gland = classes.index("gland")
+    net = load_network(parser.get_parsed_content("mil_network_def"), checkpoint, "MIL network", "cpu", classes)
+    cfg, sigma = net.pretrained_cfg, parser.get_parsed_content("mil_sigma")
+    fused = FusedMaps(cfg["mean"], cfg["std"], window=patch_size(datalist), sigma=sigma)
+    patches: dict[str, list[dict]] = {}
+    for entry in load_decathlon_datalist(datalist, False, "validation"):
+        patches.setdefault(entry["image"], []).append(entry)
+    f1 = {"positive": [], "negative": []}
+    hausdorff = []
+    for image, entries in patches.items():
+        rgb = torch.from_numpy(read_rgb(image).copy()).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            pred = fused(rgb, net)[0, gland].numpy() > threshold
+        truth = read_mask(entries[0]["mask"]) == gland
+        for e in entries:
+            (y, x), (h, w) = e["location"], e["size"]
+            p, t = pred[y : y + h, x : x + w], truth[y : y + h, x : x + w]
+            if e["label"][gland]:
+                f1["positive"].append(2 * (p & t).sum() / max(1, p.sum() + t.sum()))
+                hd = hausdorff_distance(*(find_boundaries(np.pad(m, 1), mode="inner") for m in (p, t)))
+                hausdorff.append(hd if np.isfinite(hd) else float(np.hypot(h, w)))
+            else:
+                f1["negative"].append(2 * (~p & ~t).sum() / max(1, (~p).sum() + (~t).sum()))
+    return {
+        "f1_positive": float(np.mean(f1["positive"])),
+        "f1_negative": float(np.mean(f1["negative"])),
+        "hausdorff_positive": float(np.mean(hausdorff)),
+        "patches": {k: len(v) for k, v in f1.items()},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datalist", required=True)
-    ap.add_argument("output_dirs", nargs="+", help="output_dir of mil_pseudo_label.json runs")
+    ap.add_argument("output_dirs", nargs="*", help="output_dir of mil_pseudo_label.json runs")
+    ap.add_argument("--dev", nargs="*", default=[], metavar="NAME=CHECKPOINT", help="MIL networks to score on dev")
     args = ap.parse_args()
-    print(json.dumps({d: evaluate(args.datalist, d) for d in args.output_dirs}, indent=1))
+    report = {d: evaluate(args.datalist, d) for d in args.output_dirs}
+    report |= {name: dev_patches(args.datalist, path) for name, path in (n.split("=", 1) for n in args.dev)}
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 (the tile model, labels and reduced probabilities) and write (label TIFF, GeoJSON, overlay, summary)."""
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -12,10 +13,11 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import ScaleIntensityRanged
 from PIL import Image
 from skimage.measure import find_contours
-from wsi_fixtures import CLASSES, GLASS, PINK, ColourNet
+from wsi_fixtures import CLASSES, GLASS, PINK, PURPLE, ColourNet, inference, square_rgb, square_slide
 
 from scripts.data.annotations import read_geojson
 from scripts.errors import DataError
+from scripts.wsi import inference as slide_inference
 from scripts.wsi import outputs
 from scripts.wsi.outputs import LabelStore, output_paths, reduced_labels, slide_summary, write_maps
 from scripts.wsi.plan import TileDataset, plan_slide, tiling
@@ -161,3 +163,58 @@ def test_polygon_rings_stay_within_the_tolerance_and_lose_their_collinear_points
     glands = sorted((p for p in polygons if p.class_name == "gland"), key=lambda p: len(p.exterior))
     assert len(glands) == 2 and len(glands[0].exterior) == 4  # the rectangle's corners only
     assert outputs.simplified([], 0.5) == []
+
+
+def test_a_slide_is_written_while_the_next_is_predicted(tmp_path, monkeypatch):
+    """The write phase of slide 1 runs in the writer thread while slide 2 is predicted (it sees slide 2's prediction
+    start), and the outputs are those of the phases run one after the other, the summaries in input order."""
+    variant = square_rgb()
+    variant[96:160, 420:520] = PURPLE  # a second gland
+    paths = [square_slide(tmp_path / "a.tif"), square_slide(tmp_path / "b.tif", rgb=variant)]
+    predicting_b, seen = threading.Event(), {}
+    real_predict, real_write = slide_inference.predict, slide_inference.write_maps
+
+    def predict(plan, *args, **kwargs):
+        if plan.path.endswith("b.tif"):
+            predicting_b.set()
+        return real_predict(plan, *args, **kwargs)
+
+    def write_maps(tmp, plan, *args, **kwargs):
+        if plan.path.endswith("a.tif"):
+            seen["b predicted meanwhile"] = predicting_b.wait(timeout=30)
+        return real_write(tmp, plan, *args, **kwargs)
+
+    monkeypatch.setattr(slide_inference, "predict", predict)
+    monkeypatch.setattr(slide_inference, "write_maps", write_maps)
+    overlapped = inference()(paths, tmp_path / "overlapped")
+    assert seen == {"b predicted meanwhile": True}
+    monkeypatch.setattr(slide_inference, "write_maps", real_write)
+    serial = inference(overlap_writes=False)(paths, tmp_path / "serial")
+    assert [s["slide"] for s in overlapped] == [s["slide"] for s in serial] == paths
+    for name in ("a", "b"):
+        for suffix in ("_labels.tif", ".geojson", "_overlay.png", "_probabilities.npy"):
+            files = [tmp_path / run / f"{name}{suffix}" for run in ("overlapped", "serial")]
+            assert files[0].read_bytes() == files[1].read_bytes(), files[0].name
+    assert overlapped[1]["class_pixels"] != overlapped[0]["class_pixels"]
+
+
+def test_a_write_that_fails_in_the_writer_thread_names_its_slide_only(tmp_path, monkeypatch):
+    paths = [square_slide(tmp_path / "a.tif"), square_slide(tmp_path / "b.tif")]
+    real = outputs.json.dump
+
+    def dump(data, file, *args, **kwargs):
+        if file.name.endswith("a.geojson"):
+            raise OSError(28, "No space left on device")
+        return real(data, file, *args, **kwargs)
+
+    monkeypatch.setattr(outputs.json, "dump", dump)
+    with pytest.raises(DataError, match=r"^1 of 2 inputs failed:\n.*a.geojson: no space left") as error:
+        inference()(paths, tmp_path / "out")
+    assert list(error.value.failed) == [paths[0]] and [s["slide"] for s in error.value.summaries] == [paths[1]]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "b.geojson",
+        "b_labels.tif",
+        "b_overlay.png",
+        "b_probabilities.npy",
+        "b_summary.json",
+    ]

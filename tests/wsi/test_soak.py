@@ -90,16 +90,16 @@ def test_soak_100_inputs(tmp_path):
     inputs = [inputs[i] for i in rng.permutation(100)]
     si = inference(TinyNet(), classes=["a", "b", "c"], checkpoint="tiny.pt")
     process, rss, fds = psutil.Process(), [], []
-    infer = si.infer
+    predict_slide = si.predict_slide
 
-    def sampled(path, output_dir):
+    def sampled(path, output_dir):  # after each input's prediction, the previous input's outputs being written
         try:
-            return infer(path, output_dir)
+            return predict_slide(path, output_dir)
         finally:
             rss.append(process.memory_info().rss)
             fds.append(process.num_fds())
 
-    si.infer = sampled
+    si.predict_slide = sampled
     with pytest.raises(DataError) as error:
         si(inputs, out)
 

@@ -12,6 +12,9 @@ in three phases, each testable alone:
    network, through MONAI's ``SlidingWindowInferer`` (Gaussian blending) on the windows that hold tissue; each
    tile's centre goes straight to disk (labels and reduced probabilities, plain writes: no memory map);
 3. write (:mod:`scripts.wsi.outputs`): the pyramidal label TIFF, GeoJSON, overlay and summary made from those.
+   Over several slides this phase runs in a thread while the next slide is predicted (``overlap_writes``): it is
+   NumPy, GEOS and compression work, which the network phase leaves idle on a fast backend. At most one slide is
+   written at a time, so at most two slides' scratch files exist.
 
 Failures: before any tile of a slide is read its outputs' disk space is checked (the output folder's is checked once,
 before the first slide); everything of a slide is made in one hidden folder, ``.NAME.partial/``, moved into place when
@@ -33,6 +36,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -175,6 +179,8 @@ class SlideInference:
         amp: autocast the network (CUDA only).
         progress: show a progress bar per slide.
         overwrite: redo slides whose summary exists.
+        overlap_writes: write a slide's outputs in a thread while the next slide is predicted (False: one after
+            the other, e.g. to time the phases apart).
         checkpoint: the checkpoint the network's weights come from (None: random weights), named by the error on a
             NaN network output.
     """
@@ -198,6 +204,7 @@ class SlideInference:
         amp: bool = False,
         progress: bool = True,
         overwrite: bool = False,
+        overlap_writes: bool = True,
         checkpoint: str | os.PathLike | None = None,
     ):
         if mpp is not None and not mpp > 0 or slide_mpp is not None and not slide_mpp > 0:
@@ -212,6 +219,7 @@ class SlideInference:
         self.mpp, self.slide_mpp, self.mpp_tolerance = mpp, slide_mpp, mpp_tolerance
         self.backend, self.batch_size, self.num_workers = backend, batch_size, num_workers
         self.prob_downsample, self.progress, self.overwrite = prob_downsample, progress, overwrite
+        self.overlap_writes = overlap_writes
         self.network_name = os.fspath(checkpoint) if checkpoint else "the network (no checkpoint: random weights)"
 
     def __call__(self, inputs, output_dir) -> list[dict]:
@@ -239,15 +247,33 @@ class SlideInference:
                 f"several inputs share the name {twice}: their outputs would collide; infer them separately"
             )
         summaries, failed = [], {}
-        for path in inputs:
+
+        def attempt(path: str, step: Callable, *args):
+            """``step(*args)``, or None with the failure logged and recorded against ``path``."""
             try:
-                summaries.append(self.infer(path, output_dir))
+                return step(*args)
             except DataError as e:
                 log.error("%s", e)
                 failed[path] = str(e)
             except Exception as e:  # anything else: this input's traceback in the log, the others go on
                 log.exception("%s: failed", path)
                 failed[path] = f"{type(e).__name__}: {e}"
+
+        def finish(writing) -> None:
+            summary = attempt(writing[0], writing[1].result) if writing else None
+            if summary is not None:
+                summaries.append(summary)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="slide-outputs") as writer:
+            writing = None  # (path, future) of the slide whose outputs are being written
+            for path in inputs:
+                write = attempt(path, self.predict_slide, path, output_dir)
+                finish(writing)
+                writing = None if write is None else (path, writer.submit(write))
+                if not self.overlap_writes:
+                    finish(writing)
+                    writing = None
+            finish(writing)
         skipped = sum(bool(s.get("skipped")) for s in summaries)
         log.info(
             "%d inputs: %d inferred, %d done before, %d failed",
@@ -291,7 +317,13 @@ class SlideInference:
 
     def infer(self, path: str, output_dir: str | os.PathLike) -> dict:
         """Infer one slide or tile and write its five outputs (as a set: all or none, see
-        :func:`scripts.wsi.outputs.partial_outputs`); returns the summary.
+        :func:`scripts.wsi.outputs.partial_outputs`); returns the summary."""
+        return self.predict_slide(path, output_dir)()
+
+    def predict_slide(self, path: str, output_dir: str | os.PathLike) -> Callable[[], dict]:
+        """Phases 1 and 2 of one slide or tile; returns phase 3, which writes the outputs and returns the summary (it
+        may run in another thread). Until it has run, the slide's partial outputs stay open; if it is never called
+        they are left for the next run to remove.
 
         The free disk space is checked (:func:`scripts.wsi.outputs.disk_needs`) before any tile is read."""
         start, output_dir, name = time.time(), Path(output_dir), Path(path).stem
@@ -300,7 +332,7 @@ class SlideInference:
             remove_leftovers(output_dir, name)  # what a killed run left, even of a slide that is done
         if out["summary"].exists() and not self.overwrite:
             log.info("%s: done before (%s exists); pass --overwrite True to redo", path, out["summary"])
-            return {"slide": path, "skipped": True}
+            return lambda: {"slide": path, "skipped": True}
         plan = self.plan(path)
         grid, f = plan.grid, self.prob_downsample
         shape = (len(self.classes), -(-grid.height // f), -(-grid.width // f))
@@ -308,7 +340,8 @@ class SlideInference:
         if not plan.tiles:
             log.warning("%s: no tissue found; writing empty outputs (all labels %d)", path, NO_TISSUE)
         windows_before = self.model.windows
-        with partial_outputs(output_dir, name, path) as tmp, contextlib.ExitStack() as stack:
+        with contextlib.ExitStack() as stack:
+            tmp = stack.enter_context(partial_outputs(output_dir, name, path))
             labels = stack.enter_context(LabelStore(tmp["scratch"], grid.height, grid.width))
             probabilities = stack.enter_context(ProbabilityStore(tmp["probabilities"], shape))
             self.network.eval()
@@ -323,21 +356,27 @@ class SlideInference:
                 self.progress,
                 self.network_name,
             )
-            reduced = reduced_labels(probabilities, band=max(1, plan.tile // f))
-            probabilities.close()
-            polygons = write_maps(tmp, plan, labels, reduced, self.classes, f)
-            labels.close()  # the scratch file's space back before the next slide
-            summary = slide_summary(
-                plan,
-                self.classes,
-                counts,
-                model_mpp=self.mpp,
-                prob_downsample=f,
-                windows=self.model.windows - windows_before,
-                polygons=polygons,
-                seconds=time.time() - start,
-                outputs=out,
-            )
-            write_json(tmp["summary"], summary)
-        log.info("%s: %s", path, summary["message"])
-        return summary
+            windows, outputs = self.model.windows - windows_before, stack.pop_all()
+
+        def write() -> dict:
+            with outputs:
+                reduced = reduced_labels(probabilities, band=max(1, plan.tile // f))
+                probabilities.close()
+                polygons = write_maps(tmp, plan, labels, reduced, self.classes, f)
+                labels.close()  # the scratch file's space back before the next slide
+                summary = slide_summary(
+                    plan,
+                    self.classes,
+                    counts,
+                    model_mpp=self.mpp,
+                    prob_downsample=f,
+                    windows=windows,
+                    polygons=polygons,
+                    seconds=time.time() - start,
+                    outputs=out,
+                )
+                write_json(tmp["summary"], summary)
+            log.info("%s: %s", path, summary["message"])
+            return summary
+
+        return write
