@@ -261,7 +261,9 @@ def main() -> None:
     tissue_mp = summary["tissue_pixels"] / 1e6
     t_read = reading_only(si, large)
     t_naive, t_naive_read, done, total = naive(
-        large, runs["torch"]["si"] if "torch" in runs else si, args.naive_windows
+        large,
+        runs["torch"]["si"] if "torch" in runs else ours(device, args.roi, "torch", args.checkpoint),
+        args.naive_windows,
     )
     t_naive_all = t_naive * total / done
     fastest = min(runs, key=lambda b: runs[b]["path"])
