@@ -88,12 +88,13 @@ def dev_patches(datalist: str, checkpoint: str, threshold: float = 0.5) -> dict:
         for e in entries:
             (y, x), (h, w) = e["location"], e["size"]
             p, t = pred[y : y + h, x : x + w], truth[y : y + h, x : x + w]
+            non_gland_f1, gland_f1 = scores(confusion(p, t, 2))["class_dice"]
             if e["label"][gland]:
-                f1["positive"].append(2 * (p & t).sum() / max(1, p.sum() + t.sum()))
+                f1["positive"].append(gland_f1)
                 hd = hausdorff_distance(*(find_boundaries(np.pad(m, 1), mode="inner") for m in (p, t)))
                 hausdorff.append(hd if np.isfinite(hd) else float(np.hypot(h, w)))
             else:
-                f1["negative"].append(2 * (~p & ~t).sum() / max(1, (~p).sum() + (~t).sum()))
+                f1["negative"].append(non_gland_f1)
     return {
         "f1_positive": float(np.mean(f1["positive"])),
         "f1_negative": float(np.mean(f1["negative"])),
