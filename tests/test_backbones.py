@@ -91,7 +91,7 @@ def vgg16_file(tmp_path, monkeypatch, vgg16_state):
 
 def test_vgg16_loads_every_conv_tensor_of_torchvisions_file(vgg16_file):
     path, state = vgg16_file
-    loaded = create_backbone("vgg16", pretrained=True, features_only=True, out_indices=(0, 1, 2)).state_dict()
+    loaded = backbones.vgg16(features_only=True, out_indices=(0, 1, 2)).state_dict()
     assert len(loaded) == len(state) == 14  # conv1-3: 7 convolutions, weight and bias
     for key, value in loaded.items():
         assert torch.equal(value, state[key.replace("features_", "features.", 1)])
@@ -114,6 +114,11 @@ def test_vgg16_refuses_a_missing_damaged_or_foreign_file(vgg16_file, monkeypatch
     path.unlink()
     with pytest.raises(FileNotFoundError, match="download_large_files --bundle_path bundle"):
         backbones.vgg16(features_only=True, out_indices=(0, 1, 2))
+
+
+def test_vgg16_is_an_encoder_for_mil_only():  # timm's VGG has no output stride 16 for the CAM classifier
+    with pytest.raises(DataError, match=r"unknown backbone 'vgg16'; choose one of \['efficientnet_lite0'\]"):
+        create_backbone("vgg16", pretrained=False)
 
 
 def test_the_vgg16_entry_of_large_files_is_torchvisions_file():

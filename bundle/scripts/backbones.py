@@ -125,11 +125,15 @@ def vgg16(pretrained: bool = True, **kwargs) -> nn.Module:
     return model
 
 
-BACKBONES: dict[str, Callable[..., nn.Module]] = {"efficientnet_lite0": efficientnet_lite0, "vgg16": vgg16}
+BACKBONES: dict[str, Callable[..., nn.Module]] = {"efficientnet_lite0": efficientnet_lite0}
+# IKD-MIL's side outputs need no output stride of 16, which timm's VGG cannot give the CAM classifier
+MIL_BACKBONES: dict[str, Callable[..., nn.Module]] = {**BACKBONES, "vgg16": vgg16}
 
 
-def create_backbone(name: str, pretrained: bool = True, **kwargs) -> nn.Module:
-    """A registered encoder by name (add one with ``BACKBONES[name] = builder``)."""
-    if name not in BACKBONES:
-        raise DataError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
-    return BACKBONES[name](pretrained=pretrained, **kwargs)
+def create_backbone(
+    name: str, pretrained: bool = True, choices: dict[str, Callable[..., nn.Module]] = BACKBONES, **kwargs
+) -> nn.Module:
+    """A registered encoder by name, from ``choices`` (add one with ``BACKBONES[name] = builder``)."""
+    if name not in choices:
+        raise DataError(f"unknown backbone {name!r}; choose one of {sorted(choices)}")
+    return choices[name](pretrained=pretrained, **kwargs)

