@@ -77,35 +77,34 @@ def vgg16_state():
 
 @pytest.fixture
 def vgg16_file(tmp_path, monkeypatch, vgg16_state):
-    """A file in torchvision's VGG-16 layout (random conv weights, a token classifier), listed like the real one."""
-    state = vgg16_state
+    """A file in torchvision's VGG-16 layout (random conv weights, a token classifier), listed like the real one;
+    ``listed()`` lists the file's current content (its hash) again."""
     path = tmp_path / "models" / "vgg16-397923af.pth"
     path.parent.mkdir()
-    torch.save({**state, "classifier.0.weight": torch.zeros(2, 2)}, path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    torch.save({**vgg16_state, "classifier.0.weight": torch.zeros(2, 2)}, path)
     entry = {"path": "models/vgg16-397923af.pth", "url": "https://example/vgg16.pth", "hash_type": "sha256"}
     monkeypatch.setattr(backbones, "BUNDLE", tmp_path)
-    monkeypatch.setattr(backbones, "large_file", lambda prefix: {**entry, "hash_val": digest})
-    return path, state
+
+    def listed():
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        monkeypatch.setattr(backbones, "large_file", lambda prefix: {**entry, "hash_val": digest})
+
+    listed()
+    return path, vgg16_state, listed
 
 
 def test_vgg16_loads_every_conv_tensor_of_torchvisions_file(vgg16_file):
-    path, state = vgg16_file
+    path, state, _ = vgg16_file
     loaded = backbones.vgg16(features_only=True, out_indices=(0, 1, 2)).state_dict()
     assert len(loaded) == len(state) == 14  # conv1-3: 7 convolutions, weight and bias
     for key, value in loaded.items():
         assert torch.equal(value, state[key.replace("features_", "features.", 1)])
 
 
-def test_vgg16_refuses_a_missing_damaged_or_foreign_file(vgg16_file, monkeypatch):
-    path, state = vgg16_file
+def test_vgg16_refuses_a_missing_damaged_or_foreign_file(vgg16_file):
+    path, state, listed = vgg16_file
     torch.save({k: v for k, v in state.items() if k != "features.0.weight"}, path)  # another network's file
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    monkeypatch.setattr(
-        backbones,
-        "large_file",
-        lambda prefix: {"path": "models/vgg16-397923af.pth", "url": "u", "hash_type": "sha256", "hash_val": digest},
-    )
+    listed()
     with pytest.raises(DataError, match=r"vgg16-397923af.pth: not torchvision's VGG-16: .*features.0.weight"):
         backbones.vgg16(features_only=True, out_indices=(0, 1, 2))
     path.write_bytes(path.read_bytes()[:1000])  # truncated: the hash names it before torch.load would
