@@ -133,7 +133,7 @@ MIL_BACKBONES: dict[str, Callable[..., nn.Module]] = {**BACKBONES, "vgg16": vgg1
 def create_backbone(
     name: str, pretrained: bool = True, choices: dict[str, Callable[..., nn.Module]] = BACKBONES, **kwargs
 ) -> nn.Module:
-    """A registered encoder by name, from ``choices`` (add one with ``BACKBONES[name] = builder``)."""
+    """A registered encoder by name, from ``choices`` (register in ``BACKBONES``; MIL-only: ``MIL_BACKBONES``)."""
     if name not in choices:
         raise DataError(f"unknown backbone {name!r}; choose one of {sorted(choices)}")
     return choices[name](pretrained=pretrained, **kwargs)
