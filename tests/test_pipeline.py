@@ -275,6 +275,7 @@ TUNED = {
         "prompts#margin",
         "refine_iterations",
         "refine_epochs",
+        "refine_select",
         "sam_refiner",
         "sam_backend",
         "sam_classes",
@@ -333,6 +334,7 @@ def test_pipeline_settings_reach_their_stages():
         "ids_threshold": 0.9,
         "refine_iterations": 2,
         "refine_epochs": 1,
+        "refine_select": "agreement",
         "sam_refiner": "multires",
         "max_epochs": 5,
         "layer_weights": [1.0],
@@ -362,6 +364,7 @@ def test_pipeline_settings_reach_their_stages():
             "ids_threshold": 0.9,
             "refine_iterations": 2,
             "refine_epochs": 1,
+            "refine_select": "agreement",
             "sam_refiner": "multires",
         },
         "segment": {

@@ -17,9 +17,8 @@ OEEM protocol: per class, intersection and union summed over all images, then th
 - ``miou``: ignore (255) pixels take the CAM's arg-max over the tagged classes, so every row labels every pixel and
   (a) is that arg-max itself: two rows differ exactly where the methods decide differently.
 - ``miou_labelled`` and ``labelled``: ignore pixels left out, and the fraction labelled (what stage 3 learns from).
-- ``agreement`` (SAM rounds): the mIoU of the round's mask against layer 0's mask (the prompt source: the CAM's
-  first layer, the MIL map, or the previous round's network), over the pixels both label; no ground truth in it,
-  so it is a candidate for choosing the decoder round without ground truth.
+- ``agreement`` (SAM rounds): :func:`scripts.sam.refine.prompt_agreement`, what ``refine_select agreement`` ranks the
+  rounds by (no ground truth in it).
 Ground truth is read here only, to score; the pseudo-label stage never sees it.
 """
 
@@ -48,6 +47,7 @@ from scripts.images import read_mask, read_rgb  # noqa: E402
 from scripts.sam.labeler import load_cams  # noqa: E402
 from scripts.sam.masks import IGNORE  # noqa: E402
 from scripts.sam.outputs import Outputs, pseudo_items  # noqa: E402
+from scripts.sam.refine import prompt_agreement  # noqa: E402
 from scripts.seg.metrics import scores  # noqa: E402
 
 COLOURS = np.array([[255, 255, 255], [0, 150, 60]], np.uint8)  # non-gland white, gland green; ignore grey
@@ -127,7 +127,6 @@ def main() -> None:
     methods = ["cam", *(f"cam_layer{i}" for i in range(num_layers)), *(f"sam_iter{k}" for k in range(rounds + 1))]
     filled = {m: np.zeros((n, n), np.int64) for m in methods}
     labelled = {m: np.zeros((n, n), np.int64) for m in methods}
-    agreement = {f"sam_iter{k}": np.zeros((n, n), np.int64) for k in range(rounds + 1)}
     n_prompts, rows = 0, []
     for i, item in enumerate(items):
         name, tags = item["name"], np.asarray(item["label"], bool)
@@ -142,10 +141,6 @@ def main() -> None:
             known = pred != IGNORE
             filled[m] += confusion(np.where(known, pred, argmax), gt, n)
             labelled[m] += confusion(pred[known], gt[known], n)
-            if m in agreement:
-                source = preds["cam_layer0"]
-                both = known & (source != IGNORE)
-                agreement[m] += confusion(pred[both], source[both], n)
         prompts = rules.prompts(name, cams, tags)
         n_prompts += len(prompts)
         if args.figure and i < args.figure_images:
@@ -172,8 +167,8 @@ def main() -> None:
             "miou_labelled": score_labelled,
             "labelled": float(labelled[m].sum() / filled[m].sum()),
         }
-        if m in agreement:
-            report["scores"][m]["agreement"] = miou(agreement[m])[0]
+    for k, agreement in enumerate(prompt_agreement(args.output_dir, items, rounds)):
+        report["scores"][f"sam_iter{k}"]["agreement"] = agreement
     best = max(report["scores"][f"sam_iter{k}"]["miou"] for k in range(rounds + 1))
     report["gain_over_cam_points"] = 100 * (best - report["scores"]["cam"]["miou"])
     print(json.dumps(report, indent=1))

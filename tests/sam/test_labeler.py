@@ -22,6 +22,7 @@ from scripts.sam.labeler import PseudoLabelHandler
 from scripts.sam.masks import save_pseudo_mask
 from scripts.sam.model import load_sam
 from scripts.sam.outputs import patch_size, pseudo_items, write_pseudo_datalist
+from scripts.sam.refine import prompt_agreement
 from scripts.sam.rules import Rules, cam_cell, object_classes
 from scripts.seg.data import training_targets
 from scripts.seg.maps import SegmentationMaps
@@ -113,6 +114,13 @@ def test_one_refinement_round_through_monai_bundle(demo, tmp_path):
     # what stage 3 reads: three layers through seg_data, a patch crop through LoadPatchd
     target = LoadPatchd(keys=["pseudo_0"], mask_keys=["pseudo_0"])(training_targets(loaded, 3)[1])["pseudo_0"]
     assert target.shape == (1, 32, 32)
+
+
+def test_refine_select_agreement_points_the_datalist_at_the_round_that_agrees_best(demo, tmp_path):
+    workflow(demo, tmp_path, refine_iterations=2, refine_select="agreement").run()
+    kept = int(np.nanargmax(prompt_agreement(tmp_path, pseudo_items(demo[0]), 2)))
+    data = json.loads((tmp_path / "datalist_pseudo.json").read_text())
+    assert all(entry["pseudo"].startswith(f"sam_iter{kept}/") for entry in data["training"])
 
 
 def test_resume_after_interruption_is_identical_and_leaves_no_partial_files(demo, tmp_path, monkeypatch):

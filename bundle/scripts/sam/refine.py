@@ -17,6 +17,7 @@ from ..atomic import atomic_output
 from ..checkpoints import read_state
 from ..errors import DataError
 from ..images import read_mask
+from ..seg.metrics import confusion_matrix, scores
 from .embeddings import Embeddings
 from .labeler import load_cams
 from .masks import IGNORE, save_pseudo_mask
@@ -26,6 +27,23 @@ from .prompts import Prompts
 from .rules import Rules
 
 logger = logging.getLogger(__name__)
+
+SELECTIONS = ("last", "agreement")
+
+
+def prompt_agreement(output_dir: str | os.PathLike, items: Sequence[dict], rounds: int) -> list[float]:
+    """Per decoder round 0..``rounds``, the mIoU of its pseudo-masks against layer 0's mask (the prompt source's own:
+    the first CAM layer, the MIL map, or the previous round's network), over the pixels both label. No ground truth
+    is in it: it says how far each round has drifted from the evidence its prompts came from."""
+    out, n = Outputs(output_dir), len(items[0]["label"])
+    counts = np.zeros((rounds + 1, n, n), np.int64)
+    for item in items:
+        source = read_mask(out.layer(item["name"], 0))
+        for k in range(rounds + 1):
+            mask = read_mask(out.sam(item["name"], k))
+            both = (mask != IGNORE) & (source != IGNORE)
+            counts[k] += confusion_matrix(mask[both], source[both], n)
+    return [scores(cm)["miou"] for cm in counts]
 
 
 def fit_prompts(loss_of, optimizer, data: list, epochs: int, seed: int, sam: SegmentAnything, progress_bar: bool):
@@ -75,6 +93,8 @@ class DecoderRefinement:
         learning_rate: AdamW learning rate of the mask decoder.
         prompts_per_step: prompts sampled from an image per optimiser step, >= 1.
         progress_bar: show a progress bar during each round's training.
+        select: whose masks are final: ``"last"`` round's, or the round (0 included) whose masks agree best with
+            their prompt source (:func:`prompt_agreement`): the rounds fine-tune on their own output and can drift.
     """
 
     def __init__(
@@ -89,7 +109,10 @@ class DecoderRefinement:
         learning_rate: float,
         prompts_per_step: int,
         progress_bar: bool = True,
+        select: str = "last",
     ):
+        if select not in SELECTIONS:
+            raise DataError(f"refine_select {select!r} is unknown; use one of {SELECTIONS}")
         if iterations < 0 or epochs < 1 or prompts_per_step < 1:
             raise DataError(
                 f"refinement needs iterations >= 0, epochs >= 1, prompts_per_step >= 1; got {iterations}, "
@@ -103,11 +126,11 @@ class DecoderRefinement:
             embeddings,
         )
         self.iterations, self.epochs, self.lr, self.per_step = iterations, epochs, learning_rate, prompts_per_step
-        self.progress_bar = progress_bar
+        self.progress_bar, self.select = progress_bar, select
         self.dice = DiceLoss(reduction="mean")
 
     def run(self) -> int:
-        """Runs the missing rounds; returns the last round, whose masks are the final pseudo-masks."""
+        """Runs the missing rounds; returns the round whose masks are the final pseudo-masks (``select``)."""
         for frozen in (self.sam.image_encoder, self.sam.prompt_encoder):
             frozen.requires_grad_(False)
         for k in range(1, self.iterations + 1):
@@ -119,7 +142,12 @@ class DecoderRefinement:
                 with atomic_output(path) as tmp:
                     torch.save(self.sam.mask_decoder.state_dict(), tmp)
             self._regenerate(k)
-        return self.iterations
+        if self.select == "last":
+            return self.iterations
+        agreement = prompt_agreement(self.out.root, self.items, self.iterations)
+        best = int(np.nanargmax(agreement))
+        logger.info(f"decoder rounds agree with their prompts {np.round(agreement, 4).tolist()}: round {best} kept")
+        return best
 
     def _fine_tune(self, k: int) -> None:
         data = []
