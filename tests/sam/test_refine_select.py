@@ -64,3 +64,11 @@ def test_agreement_keeps_the_round_closest_to_its_prompts_and_last_keeps_the_las
 def test_an_unknown_selection_is_refused_by_name(tmp_path):
     with pytest.raises(DataError, match="refine_select 'best'"):
         refinement(tmp_path, "best")
+
+
+def test_agreement_keeps_the_last_round_when_no_round_shares_a_labelled_pixel_with_its_prompts(tmp_path, caplog):
+    out = prepared(tmp_path)
+    Image.fromarray(np.full((16, 16), IGNORE, np.uint8)).save(out.layer("tile", 0))
+    assert np.isnan(prompt_agreement(tmp_path, [ITEM], 2)).all()
+    assert refinement(tmp_path, "agreement").run() == 2
+    assert "last round is kept" in caplog.text

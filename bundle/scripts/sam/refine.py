@@ -145,6 +145,9 @@ class DecoderRefinement:
         if self.select == "last":
             return self.iterations
         agreement = prompt_agreement(self.out.root, self.items, self.iterations)
+        if np.isnan(agreement).all():
+            logger.warning("no decoder round labels a pixel its prompt source labels: the last round is kept")
+            return self.iterations
         best = int(np.nanargmax(agreement))
         logger.info(f"decoder rounds agree with their prompts {np.round(agreement, 4).tolist()}: round {best} kept")
         return best
