@@ -23,15 +23,15 @@ def drifted(columns: int) -> np.ndarray:
 
 
 def prepared(tmp_path) -> Outputs:
-    """Round masks on disk as a finished 2-round refinement leaves them: round 1 agrees exactly (where both label),
-    round 0 has drifted by 2 columns, round 2 by 4."""
+    """Round masks on disk as a finished 2-round refinement leaves them: round 1 agrees exactly where it labels but
+    leaves 40 pixels out, round 0 has drifted by 2 columns, round 2 by 4."""
     out = Outputs(tmp_path)
     out.layer("tile", 0).parent.mkdir()
     source = drifted(0)
     source[0] = IGNORE  # the rounds label this row: it must not count
     Image.fromarray(source).save(out.layer("tile", 0))
     round1 = drifted(0)
-    round1[5:9, 2:12] = IGNORE  # left out, not counted as disagreement
+    round1[5:9, 2:12] = IGNORE  # left out: 24 pixels of class 0, 16 of class 1, each a miss
     for k, mask in enumerate((drifted(2), round1, drifted(4))):
         out.sam("tile", k).parent.mkdir()
         Image.fromarray(mask).save(out.sam("tile", k))
@@ -49,10 +49,22 @@ def refinement(tmp_path, select: str) -> DecoderRefinement:
     )
 
 
-def test_prompt_agreement_is_the_miou_with_layer_0_over_the_pixels_both_label(tmp_path):
+def test_prompt_agreement_is_the_miou_with_layer_0_over_the_pixels_it_labels(tmp_path):
     prepared(tmp_path)
-    # round 0: class 0 keeps 6 of 8 columns (IoU 0.75), class 1 gains 2 (8 / 10); round 2: 4 / 8 and 8 / 12
-    assert prompt_agreement(tmp_path, [ITEM], 2) == pytest.approx([(0.75 + 0.8) / 2, 1.0, (0.5 + 8 / 12) / 2])
+    # round 0: class 0 keeps 6 of 8 columns (IoU 0.75), class 1 gains 2 (8 / 10); round 2: 4 / 8 and 8 / 12;
+    # round 1: 15 labelled rows of 8 columns per class, 24 and 16 pixels left out
+    expected = [(0.75 + 0.8) / 2, (96 / 120 + 104 / 120) / 2, (0.5 + 8 / 12) / 2]
+    assert prompt_agreement(tmp_path, [ITEM], 2) == pytest.approx(expected)
+
+
+def test_a_round_cannot_raise_its_agreement_by_leaving_pixels_out(tmp_path):
+    out = prepared(tmp_path)
+    abstaining = np.full((16, 16), IGNORE, np.uint8)
+    abstaining[4:12, 6:10] = drifted(0)[4:12, 6:10]  # exact, but only where it labels
+    Image.fromarray(abstaining).save(out.sam("tile", 1))
+    agreement = prompt_agreement(tmp_path, [ITEM], 2)
+    assert agreement[1] < agreement[2] < agreement[0]
+    assert refinement(tmp_path, "agreement").run() == 0
 
 
 def test_agreement_keeps_the_round_closest_to_its_prompts_and_last_keeps_the_last(tmp_path):

@@ -33,17 +33,19 @@ SELECTIONS = ("last", "agreement")
 
 def prompt_agreement(output_dir: str | os.PathLike, items: Sequence[dict], rounds: int) -> list[float]:
     """Per decoder round 0..``rounds``, the mIoU of its pseudo-masks against layer 0's mask (the prompt source's own:
-    the first CAM layer, the MIL map, or the previous round's network), over the pixels both label. No ground truth
-    is in it: it says how far each round has drifted from the evidence its prompts came from."""
+    the first CAM layer, the MIL map, or the previous round's network) over the pixels the source labels, where the
+    round leaving a pixel out (255) counts as a miss: otherwise a round could score higher by labelling less. No
+    ground truth is in it: it says how far each round has drifted from the evidence its prompts came from."""
     out, n = Outputs(output_dir), len(items[0]["label"])
-    counts = np.zeros((rounds + 1, n, n), np.int64)
+    counts = np.zeros((rounds + 1, n + 1, n + 1), np.int64)  # class n: the round left the pixel out
     for item in items:
         source = read_mask(out.layer(item["name"], 0))
+        labelled = source != IGNORE
         for k in range(rounds + 1):
-            mask = read_mask(out.sam(item["name"], k))
-            both = (mask != IGNORE) & (source != IGNORE)
-            counts[k] += confusion_matrix(mask[both], source[both], n)
-    return [scores(cm)["miou"] for cm in counts]
+            mask = read_mask(out.sam(item["name"], k))[labelled]
+            counts[k] += confusion_matrix(np.where(mask == IGNORE, n, mask), source[labelled], n + 1)
+    ious = [scores(cm)["iou"][:n] for cm in counts]
+    return [float(iou[~np.isnan(iou)].mean()) if (~np.isnan(iou)).any() else float("nan") for iou in ious]
 
 
 def fit_prompts(loss_of, optimizer, data: list, epochs: int, seed: int, sam: SegmentAnything, progress_bar: bool):
