@@ -4,7 +4,10 @@ backends, and peak memory against slide area.
 One run (about 4-6 minutes on 2 busy CPU cores, slide generation included):
 
     OMP_NUM_THREADS=1 python benchmarks/slide_inference.py [--work /tmp/wsss_bench] [--roi 128] [--device cpu] \
-        [--checkpoint bundle/models/model.pt] [--backends torch onnxruntime openvino openvino:bf16]
+        [--checkpoint bundle/models/model.pt] [--backends torch onnxruntime openvino openvino:bf16] [--num-workers 1]
+
+On a GPU (``--device cuda``) the backends to compare are ``torch`` (autocast, inference.json's default there) and
+``torch:fp32``; give ``--num-workers`` inference.json's value for the machine's cores (4 from 16 cores).
 
 1. Generates two synthetic pyramidal slides (JPEG tiles, 0.25 um/px, about 30 % tissue): 20480 x 20480 and a quarter
    of that area, 10240 x 10240 (kept in ``--work`` for reruns). The tissue is rendered by ``scripts.data.render`` at
@@ -108,7 +111,8 @@ def network(device, checkpoint: str | None) -> torch.nn.Module:
 
 def ours(device, roi: int, backend: str = "torch", checkpoint: str | None = None, num_workers: int = 1):
     """Slide inference with the input scaling and activation of the bundle's inference.json, the network run by
-    ``backend`` (``NAME`` or ``NAME:PRECISION``) as inference.json's ``slide_inference#network`` runs it."""
+    ``backend`` (``NAME`` or ``NAME:PRECISION``) as inference.json's ``slide_inference#network`` runs it. On CUDA,
+    ``torch`` autocasts (inference.json's ``amp``, on by default there) and ``torch:fp32`` does not."""
     config = ConfigParser(ConfigParser.load_config_file(BUNDLE / "configs" / "inference.json"))
     config["roi_size"] = [roi, roi]
     name, _, precision = backend.partition(":")
@@ -121,7 +125,7 @@ def ours(device, roi: int, backend: str = "torch", checkpoint: str | None = None
         device=device,
         mpp=MODEL_MPP,
         num_workers=num_workers,
-        amp=device.type == "cuda",
+        amp=device.type == "cuda" and precision != "fp32",
         progress=False,
         overwrite=True,
     )
@@ -178,7 +182,7 @@ def network_only(si: SlideInference, windows: int) -> float:
         si.network(x)  # warm-up: a runtime's first call allocates
         start = time.time()
         for i in range(0, windows, batch):
-            with torch.autocast(si.device.type, enabled=si.device.type == "cuda"):
+            with torch.autocast(si.device.type, enabled=si.model.amp):
                 torch.softmax(si.network(x[: min(batch, windows - i)]).float(), 1).cpu()
     return time.time() - start
 
@@ -205,12 +209,12 @@ def run_of_slides(si: SlideInference, large: Path, work: Path, count: int, overl
     return (time.time() - start) / count
 
 
-def rss_child(path: str, out: str, device: str, roi: int, backend: str, checkpoint: str | None) -> None:
+def rss_child(path: str, out: str, device: str, roi: int, backend: str, checkpoint: str | None, workers: int) -> None:
     """One inference in this process; prints peak RSS (MB) of this process and of its DataLoader worker.
 
     This process's peak is VmHWM: ``ru_maxrss`` survives exec on Linux, so it would report the parent's peak (the
     slide generation) whenever that is higher."""
-    ours(torch.device(device), roi, backend, checkpoint)([path], out)
+    ours(torch.device(device), roi, backend, checkpoint, workers)([path], out)
     status = Path("/proc/self/status").read_text()
     own = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
     worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -219,6 +223,7 @@ def rss_child(path: str, out: str, device: str, roi: int, backend: str, checkpoi
 
 def peak_rss(args, path: Path, out: Path, backend: str) -> dict:
     command = [sys.executable, __file__, "--device", args.device, "--roi", str(args.roi), "--backends", backend]
+    command += ["--num-workers", str(args.num_workers)]
     command += ["--checkpoint", args.checkpoint] if args.checkpoint else []
     command += ["--rss-child", str(path), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -230,7 +235,7 @@ def peak_rss(args, path: Path, out: Path, backend: str) -> dict:
 
 def main() -> None:
     installed = [b for b in BACKENDS if b == "torch" or importlib.util.find_spec(b)]
-    choices = [*BACKENDS, *(f"{b}:{p}" for b in BACKENDS for p in PRECISIONS if p != "fp32")]
+    choices = [*BACKENDS, "torch:fp32", *(f"{b}:{p}" for b in BACKENDS for p in PRECISIONS if p != "fp32")]
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="/tmp/wsss_bench")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -239,18 +244,19 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=installed, choices=choices, help="the first is the baseline")
     parser.add_argument("--run-slides", type=int, default=3, help="slides in the run of (3); 0: skip it")
     parser.add_argument("--naive-windows", type=int, default=None, help="time the naive loop on this many windows only")
+    parser.add_argument("--num-workers", type=int, default=1, help="tile-reading DataLoader workers")
     parser.add_argument("--rss-child", nargs=2, metavar=("SLIDE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.rss_child:
-        return rss_child(*args.rss_child, args.device, args.roi, args.backends[0], args.checkpoint)
+        return rss_child(*args.rss_child, args.device, args.roi, args.backends[0], args.checkpoint, args.num_workers)
     started, device, work = time.time(), torch.device(args.device), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     large, small = make_slide(work / "large.tif", 20480, 1), make_slide(work / "small.tif", 10240, 2)
 
     runs = {}
     for backend in args.backends:
-        si = ours(device, args.roi, backend, args.checkpoint)
+        si = ours(device, args.roi, backend, args.checkpoint, args.num_workers)
         si([small], work / f"warm_{backend}")  # warm-up, as in a run over many slides: the runtime's first calls
         start = time.time()
         summary = si([large], work / f"out_{backend}")[0]
@@ -262,7 +268,7 @@ def main() -> None:
     t_read = reading_only(si, large)
     t_naive, t_naive_read, done, total = naive(
         large,
-        runs["torch"]["si"] if "torch" in runs else ours(device, args.roi, "torch", args.checkpoint),
+        runs["torch"]["si"] if "torch" in runs else ours(device, args.roi, "torch", args.checkpoint, args.num_workers),
         args.naive_windows,
     )
     t_naive_all = t_naive * total / done
