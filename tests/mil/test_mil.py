@@ -67,6 +67,27 @@ def test_an_input_smaller_than_the_stride_is_a_clear_error_but_inference_pads_it
     assert windowed.shape == (1, 3, 8, 5)
 
 
+def test_a_network_trained_on_resized_patches_reads_windows_of_that_size(net):
+    seen = []
+
+    class Spy(nn.Module):
+        stride = net.stride
+
+        def fused(self, x):
+            seen.append(tuple(x.shape[-2:]))
+            return net.fused(x)
+
+    image = torch.rand(1, 3, 40, 70) * 255
+    maps = FusedMaps([0.5] * 3, [0.5] * 3, window=32, sigma=0, input_size=64)(image, Spy())
+    assert maps.shape == (1, 3, 40, 70) and set(seen) == {(64, 64)}  # the image doubled, the maps back at its size
+    plain = FusedMaps([0.5] * 3, [0.5] * 3, window=32, sigma=0)(image, net)
+    assert torch.equal(FusedMaps([0.5] * 3, [0.5] * 3, window=32, sigma=0, input_size=32)(image, net), plain)
+    with pytest.raises(DataError, match="mil_input_size 64 needs"):
+        FusedMaps([0.5] * 3, [0.5] * 3, window=None, input_size=64)
+    with pytest.raises(DataError, match="mil_input_size 0 needs"):
+        FusedMaps([0.5] * 3, [0.5] * 3, window=32, input_size=0)
+
+
 def test_the_teacher_is_scored_against_the_broadcast_tag():
     tags = torch.tensor([[1, 0], [0, 1]])
     target = tag_targets(tags, (4, 5))

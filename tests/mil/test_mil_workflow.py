@@ -83,6 +83,25 @@ def test_teacher_and_student_write_pseudo_masks_in_the_bundle_contract(tiny_demo
         assert (mask[sure] == best[sure]).all() and (mask[top < 127] == IGNORE).all()
 
 
+def test_mil_input_size_trains_on_resized_patches_and_labels_whole_images_at_their_size(tiny_demo, tmp_path):
+    wf = workflow(tiny_demo, tmp_path, student_epochs=1, mil_input_size=64)  # the tiny demo's patches are 32 px
+    sizes = []
+    for name in ("teacher", "student"):
+        trainer = wf.parser.get_parsed_content(f"{name}#trainer")
+        trainer.add_event_handler(
+            Events.ITERATION_COMPLETED, lambda e: sizes.append(e.state.batch[0]["image"].shape[-2:])
+        )
+    wf.run()
+    wf.finalize()
+    assert {tuple(s) for s in sizes} == {(64, 64)}
+    for entry in load_decathlon_datalist(str(tmp_path / "masks" / "datalist_pseudo.json"), False, "training"):
+        assert np.asarray(Image.open(entry["pseudo"])).shape == Image.open(entry["image"]).size[::-1]
+    with pytest.raises(Exception) as info:  # before any training
+        workflow(tiny_demo, tmp_path / "bad", mil_input_size=-1).run()
+    assert "mil_input_size -1 needs" in repr(info.value) + repr(info.value.__cause__)
+    assert not (tmp_path / "bad" / "models").exists()
+
+
 def test_an_interrupted_run_resumes_without_training_the_teacher_again(tiny_demo, tmp_path):
     wf = workflow(tiny_demo, tmp_path, teacher_epochs=2, student_epochs=3, reversal_interval=0)
     student = wf.parser.get_parsed_content("student#trainer")

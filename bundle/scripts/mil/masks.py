@@ -24,6 +24,7 @@ import torch
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import GaussianSmooth
 from torch import nn
+from torch.nn import functional as F
 
 from ..atomic import atomic_output
 from ..errors import DataError
@@ -60,9 +61,11 @@ class MILOutputs:
 
 class FusedMaps:
     """Inferer: (B, 3, H, W) RGB in 0-255 -> (B, C, H, W) fused probabilities of a :class:`scripts.mil.net.MILNet`,
-    read in windows of the training patch size (Gaussian-weighted overlap 0.25), the scale the network learned, and
-    smoothed with a Gaussian of ``sigma`` px (the paper's 3). An image smaller than a window (or than the network's
-    stride) is padded, and the padding cropped off again. The pseudo-masks' maps, and SAM's prompts' (``mil_sam.json``).
+    read in windows of the training patch size (Gaussian-weighted overlap 0.25) at the scale the network learned (the
+    image resized by ``input_size / window`` when it was trained on patches resized to ``input_size``, the maps
+    resized back), and smoothed with a Gaussian of ``sigma`` image px (the paper's 3). An image smaller than a window
+    (or than the network's stride) is padded, and the padding cropped off again. The pseudo-masks' maps, and SAM's
+    prompts' (``mil_sam.json``).
 
     Args:
         mean: per-channel normalisation mean of RGB in [0, 1] (the backbone's ``pretrained_cfg``).
@@ -70,6 +73,7 @@ class FusedMaps:
         window: the training patch side in pixels; None: the whole image at once.
         sigma: the smoothing's standard deviation in pixels, >= 0 (0: none).
         sw_batch_size: windows per forward pass.
+        input_size: the side the training patches were resized to (``mil_input_size``); None: ``window`` itself.
     """
 
     def __init__(
@@ -79,19 +83,27 @@ class FusedMaps:
         window: int | None = None,
         sigma: float = 3.0,
         sw_batch_size: int = 8,
+        input_size: int | None = None,
     ):
         if sigma < 0:
             raise DataError(f"MIL map smoothing sigma must be >= 0, got {sigma}")
+        if input_size is not None and not (window and input_size > 0):
+            raise DataError(f"mil_input_size {input_size} needs a positive size and the training patch size (window)")
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-        self.window, self.sw_batch_size = window, sw_batch_size
+        self.window, self.input_size, self.sw_batch_size = window, input_size or window, sw_batch_size
         self.smooth = GaussianSmooth(sigma) if sigma > 0 else None
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:
         x = (inputs.float() / 255 - self.mean.to(inputs.device)) / self.std.to(inputs.device)
+        size, scale = x.shape[-2:], self.input_size / self.window if self.window else 1
+        if scale != 1:
+            x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
         stride = getattr(network, "stride", 1)
-        roi = [max(self.window or s, stride) for s in x.shape[-2:]]
+        roi = [max(self.input_size or s, stride) for s in x.shape[-2:]]
         inferer = SlidingWindowInferer(roi, self.sw_batch_size, overlap=0.25 if self.window else 0, mode="gaussian")
         maps = inferer(x, lambda w: torch.sigmoid(network.fused(w).float()))
+        if scale != 1:
+            maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
         if self.smooth is not None:
             maps = torch.stack([self.smooth(m) for m in maps])
         return maps.clamp(0, 1)
