@@ -13,7 +13,7 @@ that reaches it; a patch with no predicted gland counts its diagonal), over the 
 non-gland class.
 
     python tools/glas_mil_eval.py --datalist GLAS_DATALIST OUT_STUDENT OUT_TEACHER \
-        [--dev teacher=OUT/models/mil_teacher_best.pt student=OUT/models/mil_student_best.pt]
+        [--dev teacher=OUT/models/mil_teacher_best.pt student=OUT/models/mil_student_best.pt] [--mil_input_size 224]
 
 Ground truth is read here only, to score; the MIL stage never sees it.
 """
@@ -67,14 +67,14 @@ def evaluate(datalist: str, output_dir: str) -> dict:
     return report
 
 
-def dev_patches(datalist: str, checkpoint: str, threshold: float = 0.5) -> dict:
+def dev_patches(datalist: str, checkpoint: str, threshold: float = 0.5, input_size: int | None = None) -> dict:
     parser = ConfigParser(ConfigParser.load_config_file(ROOT / "bundle" / "configs" / "common.json"))
     parser.update({"bundle_root": str(ROOT / "bundle"), "datalist": datalist, "pretrained": False})
     classes = read_classes(datalist)
     gland = classes.index("gland")
     net = load_network(parser.get_parsed_content("mil_network_def"), checkpoint, "MIL network", "cpu", classes)
     cfg, sigma = net.pretrained_cfg, parser.get_parsed_content("mil_sigma")
-    fused = FusedMaps(cfg["mean"], cfg["std"], window=patch_size(datalist), sigma=sigma)
+    fused = FusedMaps(cfg["mean"], cfg["std"], window=patch_size(datalist), sigma=sigma, input_size=input_size)
     patches: dict[str, list[dict]] = {}
     for entry in load_decathlon_datalist(datalist, False, "validation"):
         patches.setdefault(entry["image"], []).append(entry)
@@ -108,9 +108,11 @@ def main() -> None:
     ap.add_argument("--datalist", required=True)
     ap.add_argument("output_dirs", nargs="*", help="output_dir of mil_pseudo_label.json runs")
     ap.add_argument("--dev", nargs="*", default=[], metavar="NAME=CHECKPOINT", help="MIL networks to score on dev")
+    ap.add_argument("--mil_input_size", type=int, default=None, help="the --mil_input_size they were trained with")
     args = ap.parse_args()
     report = {d: evaluate(args.datalist, d) for d in args.output_dirs}
-    report |= {name: dev_patches(args.datalist, path) for name, path in (n.split("=", 1) for n in args.dev)}
+    dev = (n.split("=", 1) for n in args.dev)
+    report |= {name: dev_patches(args.datalist, path, input_size=args.mil_input_size) for name, path in dev}
     print(json.dumps(report, indent=1))
 
 
