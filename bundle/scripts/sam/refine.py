@@ -17,7 +17,7 @@ from ..atomic import atomic_output
 from ..checkpoints import read_state
 from ..errors import DataError
 from ..images import read_mask
-from ..seg.metrics import confusion_matrix, scores
+from ..seg.metrics import confusion_matrix, present_mean, scores
 from .embeddings import Embeddings
 from .labeler import load_cams
 from .masks import IGNORE, save_pseudo_mask
@@ -44,8 +44,7 @@ def prompt_agreement(output_dir: str | os.PathLike, items: Sequence[dict], round
         for k in range(rounds + 1):
             mask = read_mask(out.sam(item["name"], k))[labelled]
             counts[k] += confusion_matrix(np.where(mask == IGNORE, n, mask), source[labelled], n + 1)
-    ious = [scores(cm)["iou"][:n] for cm in counts]
-    return [float(iou[~np.isnan(iou)].mean()) if (~np.isnan(iou)).any() else float("nan") for iou in ious]
+    return [present_mean(scores(cm)["iou"][:n]) for cm in counts]
 
 
 def fit_prompts(loss_of, optimizer, data: list, epochs: int, seed: int, sam: SegmentAnything, progress_bar: bool):

@@ -51,6 +51,12 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     return np.divide(numerator, denominator, out=np.full(numerator.shape, np.nan), where=denominator > 0)
 
 
+def present_mean(values: np.ndarray) -> float:
+    """The mean over the classes present (not NaN, see :func:`scores`); NaN when none is."""
+    present = values[~np.isnan(values)]
+    return float(present.mean()) if present.size else float("nan")
+
+
 def scores(cm) -> dict:
     """Scores of a confusion matrix: ``miou``, ``fwiou``, ``dice`` (2 mIoU / (1 + mIoU)), ``mean_dice`` (the mean of
     the per-class Dice), ``pixel_accuracy``, and per class ``iou`` and ``class_dice`` (arrays, NaN for a class
@@ -61,12 +67,12 @@ def scores(cm) -> dict:
     class_dice = _ratio(2 * tp, truth + predicted)
     total = cm.sum()
     present = ~np.isnan(iou)
-    miou = float(iou[present].mean()) if present.any() else float("nan")
+    miou = present_mean(iou)
     return {
         "miou": miou,
         "fwiou": float(np.sum(truth[present] * iou[present]) / total) if total else float("nan"),
         "dice": 2 * miou / (1 + miou),
-        "mean_dice": float(class_dice[present].mean()) if present.any() else float("nan"),
+        "mean_dice": present_mean(class_dice),
         "pixel_accuracy": float(tp.sum() / total) if total else float("nan"),
         "iou": iou,
         "class_dice": class_dice,
